@@ -1,0 +1,44 @@
+//! Test support: real PostgreSQL, a real Kafka-protocol broker (Tansu) and our real binaries, each started on
+//! free loopback ports in a temporary directory, so tests run in parallel and never touch a developer's stack.
+//!
+//! Everything started here is stopped when its handle drops (PostgreSQL with `pg_ctl stop`, processes by PID).
+//! On a failing test, the logs of the processes are printed.
+
+mod postgres;
+mod process;
+mod stack;
+mod tansu;
+
+pub use postgres::Postgres;
+pub use process::{Service, bin_path};
+pub use stack::{Stack, StackOptions};
+pub use tansu::Tansu;
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// Polls `check` every 100 ms until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

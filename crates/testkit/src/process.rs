@@ -1,0 +1,125 @@
+//! Our binaries as child processes, with their output captured to a log file.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where a workspace binary was built: `$E2E_BIN_DIR`, else next to the running test's `deps/` folder.
+pub fn bin_path(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("E2E_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    // target/<profile>/deps/<test binary> -> target/<profile>/<name>
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap_or_else(|| Path::new("."));
+    profile_dir.join(name)
+}
+
+/// A running child process that is stopped (SIGKILL) on drop if still alive.
+pub struct Service {
+    pub name: String,
+    child: Option<Child>,
+    log: PathBuf,
+    program: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    cwd: PathBuf,
+}
+
+impl Service {
+    /// Starts `program` with `args` and `envs` in `cwd`; its stdout and stderr go to `{cwd}/{name}.log`.
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        envs: &[(String, String)],
+        cwd: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut s = Self {
+            name: name.to_owned(),
+            child: None,
+            log: cwd.join(format!("{name}.log")),
+            program: program.to_path_buf(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            envs: envs.to_vec(),
+            cwd: cwd.to_path_buf(),
+        };
+        s.start()?;
+        Ok(s)
+    }
+
+    /// (Re)starts the process with the same command line; output is appended to the same log.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "{} is already running", self.name);
+        if self.program.components().count() > 1 && !self.program.is_file() {
+            anyhow::bail!(
+                "{} not found: build the workspace binaries first (cargo build --workspace --bins)",
+                self.program.display()
+            );
+        }
+        let out = File::options().create(true).append(true).open(&self.log)?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(&self.cwd)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("spawning {}: {e}", self.program.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` and waits up to `timeout` for the exit status.
+    pub fn stop_with(&mut self, signal: i32, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().ok_or_else(|| anyhow::anyhow!("{} is not running", self.name))?;
+        // SAFETY: kill(2) on the PID of a child we spawned and have not reaped yet.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("{} did not exit within {timeout:?} after signal {signal}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        self.stop_with(libc::SIGTERM, Duration::from_secs(30))
+    }
+
+    /// Whether the process has exited on its own.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("----- {} log (last 60 lines) -----\n{}", self.name, self.log_tail(60));
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The whole path on free ports: PostgreSQL, Tansu, and the gateway, workers and edge binaries, with dev
+//! credentials whose JWKS the gateway trusts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use devkit::{Claims, SigningKey};
+use tempfile::TempDir;
+
+use crate::{Postgres, Service, Tansu, bin_path, eventually, free_port};
+
+pub const ISSUER: &str = "https://idp.test/realms/orders";
+pub const AUDIENCE: &str = "orders-api";
+
+/// Which services to start.
+#[derive(Debug, Clone, Copy)]
+pub struct StackOptions {
+    pub gateway: bool,
+    pub workers: bool,
+    pub edge: bool,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self { gateway: true, workers: true, edge: true }
+    }
+}
+
+/// A running stack. Field order is drop order: services stop before the broker and the database.
+pub struct Stack {
+    pub edge: Option<Service>,
+    pub gateway: Option<Service>,
+    pub workers: Option<Service>,
+    pub tansu: Tansu,
+    pub postgres: Postgres,
+    pub key: SigningKey,
+    pub ports: Ports,
+    pub dir: TempDir,
+}
+
+/// The ports the services listen on.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub edge: u16,
+    pub edge_admin: u16,
+    pub gateway: u16,
+    pub gateway_admin: u16,
+    pub workers_admin: u16,
+}
+
+impl Stack {
+    pub async fn start(opts: StackOptions) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("testkit-stack-").tempdir()?;
+        let (postgres, tansu) = tokio::try_join!(Postgres::start(), Tansu::start())?;
+        let key = SigningKey::generate()?;
+        std::fs::write(dir.path().join("jwks.json"), serde_json::to_vec(&devkit::jwks(&[&key]))?)?;
+        let ports = Ports {
+            edge: free_port(),
+            edge_admin: free_port(),
+            gateway: free_port(),
+            gateway_admin: free_port(),
+            workers_admin: free_port(),
+        };
+        let mut stack = Self { edge: None, gateway: None, workers: None, tansu, postgres, key, ports, dir };
+        if opts.workers {
+            stack.workers = Some(stack.spawn_workers()?);
+        }
+        if opts.gateway {
+            stack.gateway = Some(stack.spawn("gateway", &stack.gateway_env())?);
+        }
+        if opts.edge {
+            stack.edge = Some(stack.spawn("edge", &stack.edge_env())?);
+        }
+        stack.wait_ready().await?;
+        Ok(stack)
+    }
+
+    fn spawn(&self, name: &str, env: &[(String, String)]) -> anyhow::Result<Service> {
+        Service::spawn(name, &bin_path(name), &[], env, self.dir.path())
+    }
+
+    fn spawn_workers(&self) -> anyhow::Result<Service> {
+        let env = vec![
+            kv("WORKERS_ADMIN_LISTEN", format!("127.0.0.1:{}", self.ports.workers_admin)),
+            kv("WORKERS_DATABASE__URL", self.postgres.url()),
+            kv("WORKERS_KAFKA__BROKERS", self.tansu.brokers()),
+            kv("WORKERS_KAFKA__FETCH_WAIT_MAX_MS", "10".into()),
+            kv("RUST_LOG", "info".into()),
+        ];
+        Service::spawn("workers", &bin_path("workers"), &["run"], &env, self.dir.path())
+    }
+
+    fn gateway_env(&self) -> Vec<(String, String)> {
+        vec![
+            kv("GATEWAY_LISTEN", format!("127.0.0.1:{}", self.ports.gateway)),
+            kv("GATEWAY_ADMIN_LISTEN", format!("127.0.0.1:{}", self.ports.gateway_admin)),
+            kv("GATEWAY_KAFKA__BROKERS", self.tansu.brokers()),
+            kv("GATEWAY_AUTH__ISSUER", ISSUER.into()),
+            kv("GATEWAY_AUTH__AUDIENCE", AUDIENCE.into()),
+            kv("GATEWAY_AUTH__JWKS_FILE", self.dir.path().join("jwks.json").display().to_string()),
+            kv("RUST_LOG", "info".into()),
+        ]
+    }
+
+    fn edge_env(&self) -> Vec<(String, String)> {
+        vec![
+            kv("EDGE_LISTEN", format!("127.0.0.1:{}", self.ports.edge)),
+            kv("EDGE_ADMIN_LISTEN", format!("127.0.0.1:{}", self.ports.edge_admin)),
+            kv("EDGE_UPSTREAM__ADDRESS", format!("127.0.0.1:{}", self.ports.gateway)),
+            kv("EDGE_TLS__DEV_CERT_DIR", self.tls_dir().display().to_string()),
+            kv("EDGE_UPGRADE_SOCK", self.dir.path().join("upgrade.sock").display().to_string()),
+            kv("EDGE_SHUTDOWN__GRACE_PERIOD_SECS", "0".into()),
+            kv("RUST_LOG", "info".into()),
+        ]
+    }
+
+    /// Where the edge wrote its development certificate.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.path().join("tls")
+    }
+
+    /// Waits until every started service answers `/readyz` with 200.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let mut admin = Vec::new();
+        if self.workers.is_some() {
+            admin.push(("workers", self.ports.workers_admin));
+        }
+        if self.gateway.is_some() {
+            admin.push(("gateway", self.ports.gateway_admin));
+        }
+        if self.edge.is_some() {
+            admin.push(("edge", self.ports.edge_admin));
+        }
+        let http = reqwest::Client::new();
+        for (name, port) in admin {
+            let http = &http;
+            let url = format!("http://127.0.0.1:{port}/readyz");
+            eventually(Duration::from_secs(60), &format!("{name} to be ready"), || {
+                let url = url.clone();
+                async move {
+                    let r = http.get(&url).send().await.ok()?;
+                    r.status().is_success().then_some(())
+                }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Restarts the workers process (after a stop) and waits until it is ready.
+    pub async fn start_workers(&mut self) -> anyhow::Result<()> {
+        match &mut self.workers {
+            Some(w) => w.start()?,
+            None => self.workers = Some(self.spawn_workers()?),
+        }
+        self.wait_ready().await
+    }
+
+    /// A token for `sub` with both order roles, valid for an hour.
+    pub fn token(&self) -> String {
+        self.key.sign(&self.claims()).unwrap_or_else(|e| panic!("signing: {e}"))
+    }
+
+    /// Claims this stack's gateway accepts; tests bend them to make bad tokens.
+    pub fn claims(&self) -> Claims {
+        Claims::new(ISSUER, AUDIENCE, "test-user", 3600)
+    }
+
+    /// An HTTPS client that trusts only the edge's development certificate.
+    pub fn https_client(&self) -> anyhow::Result<reqwest::Client> {
+        https_client_trusting(&self.tls_dir().join("dev-cert.pem"))
+    }
+
+    /// `https://127.0.0.1:{edge}`
+    pub fn edge_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.ports.edge)
+    }
+
+    pub fn admin_url(&self, port: u16, path: &str) -> String {
+        format!("http://127.0.0.1:{port}{path}")
+    }
+}
+
+/// An HTTPS client whose only trust anchor is the PEM certificate at `cert`.
+pub fn https_client_trusting(cert: &Path) -> anyhow::Result<reqwest::Client> {
+    let pem = std::fs::read(cert)?;
+    Ok(reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem)?])
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
+fn kv(k: &str, v: String) -> (String, String) {
+    (k.to_owned(), v)
+}

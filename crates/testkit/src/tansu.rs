@@ -1,0 +1,82 @@
+//! A throwaway Tansu broker (Kafka protocol) on a free loopback port, in memory, with the order topics.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::process::Service;
+
+/// Topics every test stack gets, with their partition counts.
+pub const TOPICS: &[(&str, u32)] =
+    &[("orders.commands", 3), ("orders.validated", 3), ("orders.replies", 3), ("orders.dlq", 1)];
+
+pub struct Tansu {
+    pub port: u16,
+    _service: Service,
+    _dir: TempDir,
+}
+
+impl Tansu {
+    /// Starts a broker and creates [`TOPICS`].
+    pub async fn start() -> anyhow::Result<Self> {
+        let bin = tansu_bin();
+        let dir = tempfile::Builder::new().prefix("testkit-tansu-").tempdir()?;
+        let port = crate::free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let service = Service::spawn(
+            "tansu",
+            &bin,
+            &[
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            &[],
+            dir.path(),
+        )?;
+        crate::eventually(Duration::from_secs(20), "tansu to listen", || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
+        })
+        .await?;
+        for (topic, partitions) in TOPICS {
+            create_topic(&bin, &url, topic, *partitions)?;
+        }
+        Ok(Self { port, _service: service, _dir: dir })
+    }
+
+    /// `127.0.0.1:{port}`, for `bootstrap.servers`.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+fn create_topic(bin: &PathBuf, url: &str, topic: &str, partitions: u32) -> anyhow::Result<()> {
+    let out = Command::new(bin)
+        .args(["topic", "create", "--broker", url, "--partitions", &partitions.to_string(), topic])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "creating topic {topic}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `$TANSU_BIN`, else `tansu` from cargo's bin directory, else from `PATH`.
+fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo"));
+    let candidate = home.join("bin").join("tansu");
+    if candidate.is_file() { candidate } else { PathBuf::from("tansu") }
+}

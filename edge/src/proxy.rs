@@ -1,0 +1,157 @@
+//! The request's life through the edge, written as Pingora's phases:
+//! `upstream_peer` picks the gateway, `upstream_request_filter` sets the forwarding headers,
+//! `response_filter` echoes the request id, `logging` records the metrics.
+
+use std::time::Instant;
+
+use async_trait::async_trait;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::Histogram;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// What the edge remembers about one request.
+pub struct RequestCtx {
+    started: Instant,
+    request_id: String,
+}
+
+pub struct EdgeProxy {
+    pub upstream: String,
+    pub duration: Histogram<f64>,
+}
+
+#[async_trait]
+impl ProxyHttp for EdgeProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx { started: Instant::now(), request_id: String::new() }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+        Ok(Box::new(HttpPeer::new(self.upstream.as_str(), false, String::new())))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string());
+        let forwarded_for = forwarded_for(header(upstream, "x-forwarded-for"), client_ip.as_deref());
+        if let Some(v) = forwarded_for {
+            upstream.insert_header("x-forwarded-for", v)?;
+        }
+        upstream.insert_header("x-forwarded-proto", "https")?;
+
+        ctx.request_id = header(upstream, REQUEST_ID)
+            .filter(|id| is_valid_request_id(id))
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+
+        if !header(upstream, "traceparent").is_some_and(is_valid_traceparent) {
+            upstream.insert_header("traceparent", new_traceparent())?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if !ctx.request_id.is_empty() {
+            response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&pingora::Error>, ctx: &mut Self::CTX) {
+        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        let method = session.req_header().method.as_str().to_owned();
+        self.duration.record(
+            ctx.started.elapsed().as_secs_f64(),
+            &[
+                KeyValue::new("http.request.method", method),
+                KeyValue::new("http.response.status_code", i64::from(status)),
+            ],
+        );
+        if let Some(e) = error {
+            tracing::warn!(request_id = %ctx.request_id, status, error = %e, "request failed");
+        }
+    }
+}
+
+fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `X-Forwarded-For` for the upstream: the incoming chain with the client's address appended (as nginx's
+/// `$proxy_add_x_forwarded_for`).
+fn forwarded_for(incoming: Option<&str>, client_ip: Option<&str>) -> Option<String> {
+    match (incoming.map(str::trim).filter(|s| !s.is_empty()), client_ip) {
+        (Some(chain), Some(ip)) => Some(format!("{chain}, {ip}")),
+        (None, Some(ip)) => Some(ip.to_owned()),
+        (Some(chain), None) => Some(chain.to_owned()),
+        (None, None) => None,
+    }
+}
+
+/// A client's request id is kept only if it is short and plain (it ends up in logs and headers).
+fn is_valid_request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// W3C trace context version 00: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, ids not all zero.
+fn is_valid_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1].bytes().any(|b| b != b'0')
+        && parts[2].bytes().any(|b| b != b'0')
+}
+
+fn new_traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    format!("00-{trace}-{span}-01")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_appends_the_client() {
+        assert_eq!(forwarded_for(None, Some("1.2.3.4")).as_deref(), Some("1.2.3.4"));
+        assert_eq!(forwarded_for(Some("9.9.9.9"), Some("1.2.3.4")).as_deref(), Some("9.9.9.9, 1.2.3.4"));
+        assert_eq!(forwarded_for(Some("  "), Some("1.2.3.4")).as_deref(), Some("1.2.3.4"));
+    }
+
+    #[test]
+    fn request_ids_are_checked() {
+        assert!(is_valid_request_id("abc-123_x.y:z"));
+        assert!(!is_valid_request_id(""));
+        assert!(!is_valid_request_id("a b"));
+        assert!(!is_valid_request_id(&"a".repeat(129)));
+    }
+
+    #[test]
+    fn traceparents_are_checked_and_generated_valid() {
+        assert!(is_valid_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert!(!is_valid_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01"));
+        assert!(!is_valid_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert!(!is_valid_traceparent("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"));
+        assert!(is_valid_traceparent(&new_traceparent()));
+    }
+}

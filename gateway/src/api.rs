@@ -1,0 +1,184 @@
+//! The order API's routes and how each answer is built. Errors become problem+json here, in one place.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::Histogram;
+use order_contract::{OrderCommand, OrderRequest};
+use service_core::problem::{self, Problem};
+
+use crate::auth::{AuthError, Verifier};
+use crate::publish::Publisher;
+
+/// Role needed to create orders.
+pub const ROLE_WRITE: &str = "orders:write";
+
+/// Everything a request handler needs.
+pub struct Api {
+    pub verifier: Verifier,
+    pub publisher: Publisher,
+    pub max_body_bytes: usize,
+    pub duration: Histogram<f64>,
+}
+
+pub type Body = Full<Bytes>;
+
+impl Api {
+    /// Answers one request; never fails (every error is an HTTP answer).
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let (route, response) = self.route(req).await;
+        self.duration.record(
+            started.elapsed().as_secs_f64(),
+            &[
+                KeyValue::new("http.request.method", method.as_str().to_owned()),
+                KeyValue::new("http.route", route),
+                KeyValue::new("http.response.status_code", i64::from(response.status().as_u16())),
+            ],
+        );
+        response
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> (&'static str, Response<Body>) {
+        let path = req.uri().path();
+        match path {
+            "/v1/orders/async" => {
+                let r = if req.method() == Method::POST {
+                    self.create_async(req).await
+                } else {
+                    method_not_allowed("POST")
+                };
+                ("/v1/orders/async", r)
+            }
+            _ => ("unmatched", problem_response(&Problem::new("not-found", 404, "Not Found"))),
+        }
+    }
+
+    async fn create_async(&self, req: Request<Incoming>) -> Response<Body> {
+        let principal = match self.verifier.authenticate(header_str(&req, header::AUTHORIZATION)) {
+            Ok(p) => p,
+            Err(e) => return auth_failure(&e),
+        };
+        if let Err(e) = principal.require(ROLE_WRITE) {
+            return auth_failure(&e);
+        }
+        let traceparent = header_str(&req, "traceparent").map(str::to_owned);
+        let order = match self.read_order(req).await {
+            Ok(o) => o,
+            Err(r) => return *r,
+        };
+        let command = OrderCommand::new(order);
+        match self.publisher.publish(&command, traceparent.as_deref()).await {
+            Ok(()) => {
+                tracing::info!(order_id = %command.order_id, subject = %principal.subject, "order accepted");
+                let body = serde_json::json!({ "id": command.order_id, "status": "received" });
+                let mut r = json_response(StatusCode::ACCEPTED, &body);
+                if let Ok(v) = HeaderValue::from_str(&format!("/v1/orders/{}", command.order_id)) {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+                r
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "publishing an order failed");
+                let mut r = problem_response(
+                    &Problem::new("broker-unavailable", 503, "Service Unavailable")
+                        .with_detail("the order could not be stored; it was not accepted, retry later"),
+                );
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
+        }
+    }
+
+    /// Reads and parses the JSON body, or the answer that explains why not.
+    async fn read_order(&self, req: Request<Incoming>) -> Result<OrderRequest, Box<Response<Body>>> {
+        let is_json = header_str(&req, header::CONTENT_TYPE)
+            .and_then(|ct| ct.split(';').next())
+            .map(|mt| {
+                let mt = mt.trim().to_ascii_lowercase();
+                mt == "application/json" || (mt.starts_with("application/") && mt.ends_with("+json"))
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(Box::new(problem_response(
+                &Problem::new("unsupported-media-type", 415, "Unsupported Media Type")
+                    .with_detail("send the order as application/json"),
+            )));
+        }
+        let too_large = || {
+            Box::new(problem_response(
+                &Problem::new("payload-too-large", 413, "Content Too Large")
+                    .with_detail(format!("the body exceeds {} bytes", self.max_body_bytes)),
+            ))
+        };
+        let declared = header_str(&req, header::CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > self.max_body_bytes) {
+            return Err(too_large());
+        }
+        let body = match Limited::new(req.into_body(), self.max_body_bytes).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Err(e) => {
+                return Err(Box::new(problem_response(
+                    &Problem::new("bad-request", 400, "Bad Request").with_detail(format!("reading the body: {e}")),
+                )));
+            }
+        };
+        serde_json::from_slice::<OrderRequest>(&body).map_err(|e| {
+            Box::new(problem_response(
+                &Problem::new("malformed-body", 400, "Bad Request")
+                    .with_detail(format!("the body is not a valid order: {e}")),
+            ))
+        })
+    }
+}
+
+fn header_str<B>(req: &Request<B>, name: impl header::AsHeaderName) -> Option<&str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn auth_failure(e: &AuthError) -> Response<Body> {
+    let (status, slug, title) = match e {
+        AuthError::Forbidden(_) => (403, "forbidden", "Forbidden"),
+        AuthError::KeysUnavailable => (503, "auth-unavailable", "Service Unavailable"),
+        _ => (401, "unauthorized", "Unauthorized"),
+    };
+    let mut r = problem_response(&Problem::new(slug, status, title).with_detail(e.to_string()));
+    if status != 503 {
+        let challenge = match e.bearer_error() {
+            Some(code) => format!("Bearer realm=\"orders\", error=\"{code}\""),
+            None => "Bearer realm=\"orders\"".to_owned(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+    }
+    r
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = problem_response(&Problem::new("method-not-allowed", 405, "Method Not Allowed"));
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// A problem+json answer with the problem's status.
+pub fn problem_response(p: &Problem) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(p.to_body())));
+    *r.status_mut() = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(problem::CONTENT_TYPE));
+    r
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}

@@ -1,0 +1,90 @@
+//! The gateway's configuration model. Defaults run the local stack; see `docs/configuration.md` for every key.
+//! Environment overrides use the `GATEWAY_` prefix and `__` between levels (`GATEWAY_KAFKA__BROKERS`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use service_core::logging::LogConfig;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Traffic listener (HTTP; TLS ends at the edge).
+    pub listen: SocketAddr,
+    /// Admin listener: `/healthz`, `/readyz`, `/metrics`.
+    pub admin_listen: SocketAddr,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    pub shutdown_timeout_secs: u64,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    pub log: LogConfig,
+    pub auth: AuthConfig,
+    pub kafka: KafkaConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 8080).into(),
+            admin_listen: ([127, 0, 0, 1], 9102).into(),
+            shutdown_timeout_secs: 20,
+            max_body_bytes: 64 * 1024,
+            log: LogConfig::default(),
+            auth: AuthConfig::default(),
+            kafka: KafkaConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Expected `iss` claim.
+    pub issuer: String,
+    /// Expected `aud` claim.
+    pub audience: String,
+    /// JWKS from a file (the local stack) ...
+    pub jwks_file: Option<PathBuf>,
+    /// ... or from a URL (Keycloak: `{issuer}/protocol/openid-connect/certs`). The URL wins when both are set.
+    pub jwks_url: Option<String>,
+    /// How often the key set is reloaded.
+    pub jwks_refresh_secs: u64,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "http://127.0.0.1:8080/dev-realm".into(),
+            audience: "orders-api".into(),
+            jwks_file: Some(PathBuf::from(".stack/jwks.json")),
+            jwks_url: None,
+            jwks_refresh_secs: 300,
+            leeway_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    pub commands_topic: String,
+    /// How long a publish may wait for the broker's acknowledgement before the request fails with 503.
+    pub delivery_timeout_ms: u64,
+    pub client_id: String,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:19092".into(),
+            commands_topic: order_contract::topics::COMMANDS.into(),
+            delivery_timeout_ms: 10_000,
+            client_id: "gateway".into(),
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The gateway: the order API behind the edge. Stateless; run as many replicas as needed.
+
+mod api;
+mod auth;
+mod config;
+mod publish;
+mod server;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use service_core::admin::{self, AdminState, Readiness};
+use service_core::metrics::Metrics;
+
+use crate::auth::keys::KeySource;
+use crate::auth::{KeyStore, Verifier};
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(about = "Order API gateway")]
+struct Cli {
+    /// TOML configuration file; environment variables `GATEWAY_*` override it.
+    #[arg(long, env = "GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config: Config = service_core::config::load(cli.config.as_deref(), "GATEWAY_")?;
+    service_core::logging::init(&config.log);
+    run(config).await
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = service_core::shutdown::on_signals().context("installing signal handlers")?;
+    let metrics = Metrics::new("gateway")?;
+    let readiness = Readiness::new(&["jwks", "kafka"]);
+    let (admin_addr, admin_task) = admin::spawn(
+        config.admin_listen,
+        AdminState { readiness: readiness.clone(), metrics: metrics.clone() },
+        shutdown.child_token(),
+    )
+    .await
+    .with_context(|| format!("binding admin listener {}", config.admin_listen))?;
+
+    let source = match (&config.auth.jwks_url, &config.auth.jwks_file) {
+        (Some(url), _) => KeySource::Url(url.clone()),
+        (None, Some(file)) => KeySource::File(file.clone()),
+        (None, None) => anyhow::bail!("auth: set jwks_url or jwks_file"),
+    };
+    let keys = KeyStore::new(source);
+    {
+        let readiness = readiness.clone();
+        let every = Duration::from_secs(config.auth.jwks_refresh_secs.max(1));
+        tokio::spawn(keys.clone().refresh_loop(every, shutdown.child_token(), move |ok| readiness.set("jwks", ok)));
+    }
+    let verifier = Verifier::new(keys, &config.auth.issuer, &config.auth.audience, config.auth.leeway_secs);
+
+    let publisher = publish::Publisher::new(&config.kafka)?;
+    tokio::spawn(probe_kafka(publisher.clone(), readiness.clone(), shutdown.child_token()));
+
+    let duration = metrics
+        .meter()
+        .f64_histogram("http.server.request.duration")
+        .with_unit("s")
+        .with_description("Duration of HTTP requests handled by the gateway")
+        .with_boundaries(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+        .build();
+    let api =
+        Arc::new(api::Api { verifier, publisher: publisher.clone(), max_body_bytes: config.max_body_bytes, duration });
+
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, admin = %admin_addr, "gateway started");
+    server::serve(listener, api, shutdown.clone(), Duration::from_secs(config.shutdown_timeout_secs)).await;
+
+    tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(5))).await?;
+    shutdown.cancel();
+    let _ = admin_task.await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// Keeps the `kafka` readiness check current: the broker answers and the commands topic exists.
+async fn probe_kafka(publisher: publish::Publisher, readiness: Readiness, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        let p = publisher.clone();
+        let ok = match tokio::task::spawn_blocking(move || p.probe()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Kafka not reachable or commands topic missing");
+                false
+            }
+            Err(_) => false,
+        };
+        readiness.set("kafka", ok);
+        let wait = if ok { Duration::from_secs(10) } else { Duration::from_secs(1) };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! The dead-letter topic: where a message that no retry can fix goes, with its original key, payload and
+//! headers, plus why it failed and where it came from, so that an operator can inspect and replay it.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+#[derive(Clone)]
+pub struct DeadLetters {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl DeadLetters {
+    pub fn new(brokers: &str, topic: &str) -> Result<Self, KafkaError> {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()?;
+        Ok(Self { producer, topic: topic.to_owned() })
+    }
+
+    /// Publishes `msg` to the DLQ with `error` and its origin in headers; returns once the broker confirmed.
+    pub async fn send(&self, job: &str, msg: &BorrowedMessage<'_>, error: &str) -> Result<(), KafkaError> {
+        let mut headers = OwnedHeaders::new();
+        if let Some(h) = msg.headers() {
+            for h in h.iter() {
+                headers = headers.insert(Header { key: h.key, value: h.value });
+            }
+        }
+        let partition = msg.partition().to_string();
+        let offset = msg.offset().to_string();
+        headers = headers
+            .insert(Header { key: "dlq-error", value: Some(error) })
+            .insert(Header { key: "dlq-job", value: Some(job) })
+            .insert(Header { key: "dlq-origin-topic", value: Some(msg.topic()) })
+            .insert(Header { key: "dlq-origin-partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "dlq-origin-offset", value: Some(offset.as_str()) });
+        let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
+        if let Some(k) = msg.key() {
+            record = record.key(k);
+        }
+        if let Some(p) = msg.payload() {
+            record = record.payload(p);
+        }
+        self.producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
+        Ok(())
+    }
+}
