@@ -3,7 +3,7 @@
 //! Every service describes its whole configuration as one `serde` struct with defaults that run the local stack.
 //! [`load`] layers, lowest precedence first: the struct's `Default`, the TOML file (if one is named), then the
 //! environment variables that start with the service's prefix. Nested keys are separated by a double underscore:
-//! `GATEWAY_KAFKA__BROKERS=host:9092` sets `kafka.brokers`.
+//! `GATEWAY_KAFKA__BROKERS=host:9092` sets `kafka.brokers`. `{prefix}CONFIG` names the file and is not a key.
 
 use std::path::{Path, PathBuf};
 
@@ -42,7 +42,7 @@ mod tests {
     use serde::Deserialize;
 
     #[derive(Debug, Serialize, Deserialize, PartialEq)]
-    #[serde(default)]
+    #[serde(default, deny_unknown_fields)]
     struct Sample {
         listen: String,
         inner: Inner,
@@ -75,6 +75,7 @@ mod tests {
         std::fs::write(&path, "listen = \"127.0.0.1:2\"\n[inner]\nretries = 7\n").expect("write");
         figment::Jail::expect_with(|jail| {
             jail.set_env("SAMPLETEST_INNER__BROKERS", "env:1");
+            jail.set_env("SAMPLETEST_CONFIG", "ignored, it names the file");
             let c: Sample = load(Some(&path), "SAMPLETEST_").map_err(|e| e.to_string())?;
             assert_eq!(c.listen, "127.0.0.1:2");
             assert_eq!(c.inner.retries, 7);
