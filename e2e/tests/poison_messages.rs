@@ -11,7 +11,7 @@ use testkit::{Stack, StackOptions, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_command_is_dead_lettered_and_the_job_goes_on() -> anyhow::Result<()> {
-    let stack = Stack::start(StackOptions { edge: false, gateway: false, workers: true }).await?;
+    let stack = Stack::start(StackOptions { edge: false, gateway: false, ..StackOptions::default() }).await?;
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", stack.tansu.brokers()).create()?;
     let send = |key: &'static str, payload: Vec<u8>, version: &'static str| {
         let producer = producer.clone();

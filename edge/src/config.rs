@@ -22,6 +22,22 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Socket through which a new edge process takes the listeners over on `SIGQUIT` (zero-downtime upgrade).
     pub upgrade_sock: PathBuf,
+    pub policy: PolicyConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Directory of `*.toml` rate-limit policy files.
+    pub dir: PathBuf,
+    /// How often the files are checked for changes (SIGHUP reloads at once).
+    pub reload_interval_secs: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self { dir: PathBuf::from("policies"), reload_interval_secs: 2 }
+    }
 }
 
 impl Default for Config {
@@ -35,6 +51,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             shutdown: ShutdownConfig::default(),
             upgrade_sock: PathBuf::from(".stack/edge-upgrade.sock"),
+            policy: PolicyConfig::default(),
         }
     }
 }

@@ -7,14 +7,20 @@
 mod admin;
 mod config;
 mod proxy;
+mod ratelimit;
+mod reload;
 mod tls;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use edge::limiter::Limiter;
+use edge::policy;
+use opentelemetry::KeyValue;
 use pingora::prelude::Opt;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
@@ -34,6 +40,18 @@ struct Cli {
     /// Take the listening sockets over from a running edge (send it SIGQUIT).
     #[arg(long)]
     upgrade: bool,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Validate the rate-limit policy files and exit (0: valid; 1: errors, printed as file:line:column).
+    Check {
+        /// Policy directory (default: the configured `policy.dir`).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+    },
 }
 
 /// SIGTERM and SIGINT both drain (the contract of every service here); SIGQUIT hands over to a new process.
@@ -59,13 +77,69 @@ impl ShutdownSignalWatch for Signals {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config: Config = service_core::config::load(cli.config.as_deref(), "EDGE_")?;
+    if let Some(Cmd::Check { policies }) = cli.cmd {
+        let dir = policies.unwrap_or(config.policy.dir);
+        return match policy::load_dir(&dir) {
+            Ok(p) => {
+                println!("{}: valid ({} zones, {} routes)", dir.display(), p.zones.len(), p.routes.len());
+                Ok(())
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                std::process::exit(1);
+            }
+        };
+    }
     service_core::logging::init(&config.log);
+    let initial_policy = policy::load_dir(&config.policy.dir)
+        .map_err(|e| anyhow::anyhow!("invalid rate-limit policy, refusing to start:\n{e}"))?;
+    let limiter = Arc::new(Limiter::new(initial_policy));
 
     let (cert, key) = tls::resolve_files(&config.tls)?;
     let tls_settings = tls::settings(&cert, &key)?;
 
     let metrics = Metrics::new("edge")?;
-    let readiness = Readiness::new(&["proxy"]);
+    let readiness = Readiness::new(&["proxy", "policy"]);
+    readiness.set("policy", true);
+    let meter = metrics.meter();
+    let limit_metrics = ratelimit::LimitMetrics {
+        decisions: meter
+            .u64_counter("edge.ratelimit.decisions")
+            .with_description("Rate-limit decisions per zone and outcome")
+            .build(),
+        delay: meter
+            .f64_histogram("edge.ratelimit.delay")
+            .with_unit("s")
+            .with_description("Delay imposed by a zone on accepted requests")
+            .with_boundaries(vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 60.0])
+            .build(),
+    };
+    let reloads =
+        meter.u64_counter("edge.ratelimit.policy.reloads").with_description("Policy reloads by result").build();
+    {
+        let l = limiter.clone();
+        meter
+            .u64_observable_gauge("edge.ratelimit.tracked_keys")
+            .with_description("Client keys tracked per zone")
+            .with_callback(move |o| {
+                let active = l.active();
+                for (spec, zone) in active.policy.zones.iter().zip(&active.zones) {
+                    o.observe(zone.len() as u64, &[KeyValue::new("zone", spec.name.clone())]);
+                }
+            })
+            .build();
+        let l = limiter.clone();
+        meter
+            .u64_observable_counter("edge.ratelimit.evictions")
+            .with_description("Live keys evicted because a zone was full")
+            .with_callback(move |o| {
+                let active = l.active();
+                for (spec, zone) in active.policy.zones.iter().zip(&active.zones) {
+                    o.observe(zone.evictions(), &[KeyValue::new("zone", spec.name.clone())]);
+                }
+            })
+            .build();
+    }
     let duration = metrics
         .meter()
         .f64_histogram("http.server.request.duration")
@@ -89,10 +163,24 @@ fn main() -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(Some(opt), server_conf);
     server.bootstrap();
 
-    let proxy = proxy::EdgeProxy { upstream: config.upstream.address.clone(), duration };
+    let proxy = proxy::EdgeProxy {
+        upstream: config.upstream.address.clone(),
+        duration,
+        limiter: limiter.clone(),
+        limit_metrics,
+    };
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
     service.add_tls_with_settings(&config.listen.to_string(), None, tls_settings);
     server.add_service(service);
+    server.add_service(background_service(
+        "policy-reload",
+        reload::PolicyReloader {
+            dir: config.policy.dir.clone(),
+            interval: Duration::from_secs(config.policy.reload_interval_secs.max(1)),
+            limiter,
+            reloads,
+        },
+    ));
     server.add_service(background_service(
         "admin",
         admin::AdminService { listener: Mutex::new(Some(admin_listener)), state: AdminState { readiness, metrics } },

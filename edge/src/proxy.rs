@@ -1,14 +1,19 @@
 //! The request's life through the edge, written as Pingora's phases:
-//! `upstream_peer` picks the gateway, `upstream_request_filter` sets the forwarding headers,
-//! `response_filter` echoes the request id, `logging` records the metrics.
+//! `request_filter` names the request and applies the rate limits (see `ratelimit`), `upstream_peer` picks the
+//! gateway, `upstream_request_filter` sets the forwarding headers, `response_filter` echoes the request id and
+//! the rate-limit headers, `logging` records the metrics.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use edge::limiter::Limiter;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Histogram;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
+
+use crate::ratelimit::{self, Applied, LimitMetrics};
 
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -16,11 +21,14 @@ pub const REQUEST_ID: &str = "x-request-id";
 pub struct RequestCtx {
     started: Instant,
     request_id: String,
+    limits: Applied,
 }
 
 pub struct EdgeProxy {
     pub upstream: String,
     pub duration: Histogram<f64>,
+    pub limiter: Arc<Limiter>,
+    pub limit_metrics: LimitMetrics,
 }
 
 #[async_trait]
@@ -28,7 +36,15 @@ impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> Self::CTX {
-        RequestCtx { started: Instant::now(), request_id: String::new() }
+        RequestCtx { started: Instant::now(), request_id: String::new(), limits: Applied::default() }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        ctx.request_id = header(session.req_header(), REQUEST_ID)
+            .filter(|id| is_valid_request_id(id))
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        ratelimit::apply(&self.limiter, &self.limit_metrics, session, &ctx.request_id, &mut ctx.limits).await
     }
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
@@ -48,10 +64,6 @@ impl ProxyHttp for EdgeProxy {
         }
         upstream.insert_header("x-forwarded-proto", "https")?;
 
-        ctx.request_id = header(upstream, REQUEST_ID)
-            .filter(|id| is_valid_request_id(id))
-            .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
 
         if !header(upstream, "traceparent").is_some_and(is_valid_traceparent) {
@@ -69,6 +81,9 @@ impl ProxyHttp for EdgeProxy {
         if !ctx.request_id.is_empty() {
             response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         }
+        for (name, value) in &ctx.limits.headers {
+            response.insert_header(*name, value.as_str())?;
+        }
         Ok(())
     }
 
@@ -85,6 +100,8 @@ impl ProxyHttp for EdgeProxy {
         if let Some(e) = error {
             tracing::warn!(request_id = %ctx.request_id, status, error = %e, "request failed");
         }
+        tracing::debug!(request_id = %ctx.request_id, status, rate_limit = ctx.limits.outcome,
+            delay_ms = ctx.limits.delay_ms, "request done");
     }
 }
 

@@ -12,17 +12,23 @@ use crate::{Postgres, Service, Tansu, bin_path, eventually, free_port};
 pub const ISSUER: &str = "https://idp.test/realms/orders";
 pub const AUDIENCE: &str = "orders-api";
 
-/// Which services to start.
-#[derive(Debug, Clone, Copy)]
+/// A policy that limits nothing in practice, for tests about something else.
+pub const PERMISSIVE_POLICY: &str = "[zones.all]\nrate = \"100000r/s\"\nburst = 100000\nmode = \"nodelay\"\n\
+                                     [[routes]]\npath_prefix = \"/\"\nzones = [\"all\"]\n";
+
+/// Which services to start, and the edge's rate-limit policy.
+#[derive(Debug, Clone)]
 pub struct StackOptions {
     pub gateway: bool,
     pub workers: bool,
     pub edge: bool,
+    /// The edge's policy file (TOML), written to `{dir}/policies/policy.toml`.
+    pub policy: String,
 }
 
 impl Default for StackOptions {
     fn default() -> Self {
-        Self { gateway: true, workers: true, edge: true }
+        Self { gateway: true, workers: true, edge: true, policy: PERMISSIVE_POLICY.to_owned() }
     }
 }
 
@@ -51,6 +57,8 @@ pub struct Ports {
 impl Stack {
     pub async fn start(opts: StackOptions) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("testkit-stack-").tempdir()?;
+        std::fs::create_dir_all(dir.path().join("policies"))?;
+        std::fs::write(dir.path().join("policies").join("policy.toml"), &opts.policy)?;
         let (postgres, tansu) = tokio::try_join!(Postgres::start(), Tansu::start())?;
         let key = SigningKey::generate()?;
         std::fs::write(dir.path().join("jwks.json"), serde_json::to_vec(&devkit::jwks(&[&key]))?)?;
@@ -110,8 +118,15 @@ impl Stack {
             kv("EDGE_TLS__DEV_CERT_DIR", self.tls_dir().display().to_string()),
             kv("EDGE_UPGRADE_SOCK", self.dir.path().join("upgrade.sock").display().to_string()),
             kv("EDGE_SHUTDOWN__GRACE_PERIOD_SECS", "0".into()),
+            kv("EDGE_POLICY__DIR", self.policy_dir().display().to_string()),
+            kv("EDGE_POLICY__RELOAD_INTERVAL_SECS", "1".into()),
             kv("RUST_LOG", "info".into()),
         ]
+    }
+
+    /// The edge's policy directory (tests rewrite `policy.toml` to exercise reloads).
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.path().join("policies")
     }
 
     /// Where the edge wrote its development certificate.
@@ -168,7 +183,12 @@ impl Stack {
 
     /// An HTTPS client that trusts only the edge's development certificate.
     pub fn https_client(&self) -> anyhow::Result<reqwest::Client> {
-        https_client_trusting(&self.tls_dir().join("dev-cert.pem"))
+        https_client_trusting(&self.tls_dir().join("dev-cert.pem"), None)
+    }
+
+    /// The same, connecting from the loopback address `source` (127.0.0.2, ...): a distinct client to the edge.
+    pub fn https_client_from(&self, source: std::net::IpAddr) -> anyhow::Result<reqwest::Client> {
+        https_client_trusting(&self.tls_dir().join("dev-cert.pem"), Some(source))
     }
 
     /// `https://127.0.0.1:{edge}`
@@ -181,12 +201,13 @@ impl Stack {
     }
 }
 
-/// An HTTPS client whose only trust anchor is the PEM certificate at `cert`.
-pub fn https_client_trusting(cert: &Path) -> anyhow::Result<reqwest::Client> {
+/// An HTTPS client whose only trust anchor is the PEM certificate at `cert`, optionally bound to `source`.
+pub fn https_client_trusting(cert: &Path, source: Option<std::net::IpAddr>) -> anyhow::Result<reqwest::Client> {
     let pem = std::fs::read(cert)?;
     Ok(reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(&pem)?])
-        .timeout(Duration::from_secs(30))
+        .local_address(source)
+        .timeout(Duration::from_secs(60))
         .build()?)
 }
 

@@ -1,0 +1,229 @@
+//! The edge's rate limits through the real binary over HTTPS, each client a distinct loopback address.
+//! Timings are checked with the issue's tolerance (±150 ms) against nginx's schedule.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use testkit::{Stack, StackOptions, eventually};
+
+/// What one request saw: status, when it completed (since the burst started), Retry-After.
+#[derive(Debug, Clone)]
+struct Seen {
+    status: u16,
+    at: Duration,
+    retry_after: Option<u64>,
+    content_type: Option<String>,
+}
+
+async fn stack_with(policy: &str) -> anyhow::Result<Stack> {
+    Stack::start(StackOptions { workers: false, policy: policy.to_owned(), ..StackOptions::default() }).await
+}
+
+/// A client from `source`, with its TLS connection already open (through an unlimited path), so that a burst
+/// arrives at the edge within a few milliseconds.
+async fn warm_client(stack: &Stack, source: &str) -> anyhow::Result<reqwest::Client> {
+    let client = stack.https_client_from(source.parse::<IpAddr>()?)?;
+    client.get(format!("{}/warmup", stack.edge_url())).send().await?;
+    Ok(client)
+}
+
+/// Sends `n` GETs to `path` at once from `client`; returns what each saw, sorted by completion.
+async fn burst(stack: &Stack, client: &reqwest::Client, path: &str, n: usize) -> Vec<Seen> {
+    let start = Instant::now();
+    let url = format!("{}{path}", stack.edge_url());
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let r = client.get(url).send().await.expect("request");
+                let header = |k: &str| r.headers().get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                Seen {
+                    status: r.status().as_u16(),
+                    at: start.elapsed(),
+                    retry_after: header("retry-after").and_then(|v| v.parse().ok()),
+                    content_type: header("content-type"),
+                }
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.push(t.await.expect("task"));
+    }
+    seen.sort_by_key(|s| s.at);
+    seen
+}
+
+/// Asserts the accepted requests completed on nginx's schedule: the k-th at k * `step` (±150 ms).
+fn assert_schedule(accepted: &[&Seen], step_ms: u64, immediate: usize) {
+    for (k, s) in accepted.iter().enumerate() {
+        let expected = Duration::from_millis(k.saturating_sub(immediate - 1) as u64 * step_ms);
+        let expected = if k < immediate { Duration::ZERO } else { expected };
+        let diff = s.at.abs_diff(expected);
+        assert!(
+            diff <= Duration::from_millis(150),
+            "request {k} completed at {:?}, expected {expected:?} ±150ms",
+            s.at
+        );
+    }
+}
+
+const LIMITED_V1: &str = "[zones.per_client]\nrate = \"1r/s\"\nburst = 25\n\
+                          [[routes]]\npath_prefix = \"/v1/\"\nzones = [\"per_client\"]\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bursts_of_26_and_40_follow_nginx_and_clients_are_independent() -> anyhow::Result<()> {
+    let stack = stack_with(LIMITED_V1).await?;
+    let (a, b) = (warm_client(&stack, "127.0.0.2").await?, warm_client(&stack, "127.0.0.3").await?);
+    let (forty, twenty_six) = tokio::join!(burst(&stack, &a, "/v1/x", 40), burst(&stack, &b, "/v1/x", 26));
+
+    let rejected: Vec<&Seen> = forty.iter().filter(|s| s.status == 429).collect();
+    let accepted: Vec<&Seen> = forty.iter().filter(|s| s.status != 429).collect();
+    assert_eq!((accepted.len(), rejected.len()), (26, 14), "{forty:?}");
+    for r in &rejected {
+        assert!(r.at <= Duration::from_millis(100), "rejections are immediate: {r:?}");
+        assert_eq!(r.content_type.as_deref(), Some("application/problem+json"));
+        assert!(r.retry_after.is_some_and(|s| s >= 1), "{r:?}");
+    }
+    assert_schedule(&accepted, 1000, 1);
+
+    assert!(twenty_six.iter().all(|s| s.status != 429), "26 at once are all accepted: {twenty_six:?}");
+    assert_schedule(&twenty_six.iter().collect::<Vec<_>>(), 1000, 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodelay_delay_n_second_burst_and_dry_run() -> anyhow::Result<()> {
+    let policy = "[zones.nodelay]\nrate = \"2r/s\"\nburst = 5\nmode = \"nodelay\"\n\
+                  [zones.paced]\nrate = \"10r/s\"\nburst = 5\nmode = \"delay=2\"\n\
+                  [zones.queue]\nrate = \"10r/s\"\nburst = 20\n\
+                  [zones.observe]\nrate = \"1r/s\"\nburst = 1\ndry_run = true\n\
+                  [[routes]]\npath_prefix = \"/v1/nodelay\"\nzones = [\"nodelay\"]\n\
+                  [[routes]]\npath_prefix = \"/v1/paced\"\nzones = [\"paced\"]\n\
+                  [[routes]]\npath_prefix = \"/v1/queue\"\nzones = [\"queue\"]\n\
+                  [[routes]]\npath_prefix = \"/v1/observe\"\nzones = [\"observe\"]\n";
+    let stack = stack_with(policy).await?;
+
+    // nodelay: burst + 1 pass at once, the rest are rejected, nobody waits.
+    let c = warm_client(&stack, "127.0.0.4").await?;
+    let seen = burst(&stack, &c, "/v1/nodelay", 9).await;
+    assert_eq!(seen.iter().filter(|s| s.status == 429).count(), 3, "{seen:?}");
+    assert!(seen.iter().all(|s| s.at <= Duration::from_millis(150)), "{seen:?}");
+
+    // delay=2 at 10r/s: the first 3 at once, then one every 100 ms.
+    let c = warm_client(&stack, "127.0.0.5").await?;
+    let seen = burst(&stack, &c, "/v1/paced", 6).await;
+    assert!(seen.iter().all(|s| s.status != 429), "{seen:?}");
+    assert_schedule(&seen.iter().collect::<Vec<_>>(), 100, 3);
+
+    // A second burst queues behind the first one's schedule: 10 at once, then 5 more 300 ms later.
+    let c = warm_client(&stack, "127.0.0.6").await?;
+    let first: Vec<_> = (0..10)
+        .map(|_| {
+            let (c, url) = (c.clone(), format!("{}/v1/queue", stack.edge_url()));
+            tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = burst(&stack, &c, "/v1/queue", 5).await;
+    for f in first {
+        assert_ne!(f.await??, 429);
+    }
+    // The first burst's last request leaves at 900 ms; the second's follow at 1000..1400 ms after the start.
+    for (k, s) in second.iter().enumerate() {
+        assert_ne!(s.status, 429);
+        let expected = Duration::from_millis(1000 + 100 * k as u64);
+        let at = s.at + Duration::from_millis(300);
+        assert!(at.abs_diff(expected) <= Duration::from_millis(150), "second burst {k}: {at:?} vs {expected:?}");
+    }
+
+    // Dry run: nothing waits, nothing is rejected, and the would-be decisions are counted.
+    let c = warm_client(&stack, "127.0.0.7").await?;
+    let seen = burst(&stack, &c, "/v1/observe", 5).await;
+    assert!(seen.iter().all(|s| s.status != 429 && s.at <= Duration::from_millis(150)), "{seen:?}");
+    let metrics = reqwest::get(stack.admin_url(stack.ports.edge_admin, "/metrics")).await?.text().await?;
+    let count = |outcome: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("edge_ratelimit_decisions_total")
+                    && l.contains("zone=\"observe\"")
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(count("dry_run_rejected"), 3, "{metrics}");
+    assert_eq!(count("dry_run_delayed"), 1, "{metrics}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_policy_change_applies_and_an_invalid_one_is_refused() -> anyhow::Result<()> {
+    let tight = "[zones.z]\nrate = \"1r/s\"\nburst = 0\nmode = \"nodelay\"\n[[routes]]\npath_prefix = \"/v1/\"\nzones = [\"z\"]\n";
+    let stack = stack_with(tight).await?;
+    let c = warm_client(&stack, "127.0.0.8").await?;
+    let seen = burst(&stack, &c, "/v1/r", 3).await;
+    assert_eq!(seen.iter().filter(|s| s.status == 429).count(), 2);
+
+    // A broken file: refused, counted, the old policy stays.
+    std::fs::write(stack.policy_dir().join("policy.toml"), "[zones.z]\nrate = \"lots\"\n")?;
+    let metrics_url = stack.admin_url(stack.ports.edge_admin, "/metrics");
+    eventually(Duration::from_secs(10), "the refused reload to be counted", || {
+        let url = metrics_url.clone();
+        async move {
+            let m = reqwest::get(url).await.ok()?.text().await.ok()?;
+            m.lines()
+                .any(|l| l.starts_with("edge_ratelimit_policy_reloads_total") && l.contains("result=\"failed\""))
+                .then_some(())
+        }
+    })
+    .await?;
+    let c = warm_client(&stack, "127.0.0.9").await?;
+    let seen = burst(&stack, &c, "/v1/r", 3).await;
+    assert_eq!(seen.iter().filter(|s| s.status == 429).count(), 2, "old policy still in force");
+
+    // A valid change: applied without a restart.
+    std::fs::write(stack.policy_dir().join("policy.toml"), tight.replace("burst = 0", "burst = 10"))?;
+    let c = warm_client(&stack, "127.0.0.10").await?;
+    eventually(Duration::from_secs(10), "the new policy", || {
+        let (c, url) = (c.clone(), format!("{}/v1/r", stack.edge_url()));
+        async move {
+            let mut ok = 0;
+            for _ in 0..3 {
+                if c.get(&url).send().await.ok()?.status() != 429 {
+                    ok += 1;
+                }
+            }
+            (ok == 3).then_some(())
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_check_reports_file_line_and_reason() -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    std::fs::write(dir.join("bad.toml"), "[zones.z]\nrate = \"1r/s\"\nmode = \"later\"\n")?;
+    let out =
+        std::process::Command::new(testkit::bin_path("edge")).arg("check").arg("--policies").arg(&dir).output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:3:8: mode \"later\" is invalid"), "{err}");
+    let repo_policies = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
+    let out = std::process::Command::new(testkit::bin_path("edge"))
+        .arg("check")
+        .arg("--policies")
+        .arg(repo_policies)
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("edge-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,7 @@
+//! The edge's library: the parts that are pure logic and that benchmarks and tests use directly.
+//! The binary (`main.rs`) wires them into Pingora.
+
+pub mod client;
+pub mod limiter;
+pub mod limits;
+pub mod policy;

@@ -1,0 +1,105 @@
+//! Rate limiting: nginx `limit_req` semantics over in-memory zones.
+//!
+//! - [`algorithm`]: one bucket's arithmetic, exactly nginx's;
+//! - [`zone`]: the buckets of a zone, sharded and bounded in memory;
+//! - [`decide`]: several limits on one request, in nginx's order (check each, the first rejection stops and
+//!   charges nothing; when all pass, all are charged and the longest delay wins).
+
+pub mod algorithm;
+pub mod zone;
+
+pub use zone::{Key, Zone};
+
+use algorithm::Verdict;
+
+/// One limit to apply to a request: a zone, the request's key in it, and whether the zone only observes.
+pub struct Limit<'a> {
+    pub zone: &'a Zone,
+    pub key: Key,
+    pub dry_run: bool,
+}
+
+/// What happened in one zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZoneOutcome {
+    Immediate,
+    Delayed {
+        ms: u64,
+    },
+    Rejected {
+        retry_after_ms: u64,
+    },
+    DryRunDelayed {
+        ms: u64,
+    },
+    DryRunRejected,
+    /// Not looked at: an earlier zone rejected the request.
+    Skipped,
+}
+
+impl ZoneOutcome {
+    /// The label of this outcome in metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ZoneOutcome::Immediate => "immediate",
+            ZoneOutcome::Delayed { .. } => "delayed",
+            ZoneOutcome::Rejected { .. } => "rejected",
+            ZoneOutcome::DryRunDelayed { .. } => "dry_run_delayed",
+            ZoneOutcome::DryRunRejected => "dry_run_rejected",
+            ZoneOutcome::Skipped => "skipped",
+        }
+    }
+}
+
+/// The decision on one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// One outcome per limit, in order.
+    pub outcomes: Vec<ZoneOutcome>,
+    /// The index of the limit that rejected the request, if one did.
+    pub rejected_by: Option<usize>,
+    /// How long the request waits before it is forwarded (the longest delay of the enforcing zones).
+    pub delay_ms: u64,
+    /// Each zone's excess (milli-requests) after this request, where it was charged.
+    pub excess: Vec<Option<u64>>,
+}
+
+/// Applies `limits` to one request arriving at `now` (ms).
+pub fn decide(limits: &[Limit<'_>], now: u64) -> Decision {
+    let n = limits.len();
+    let mut outcomes = vec![ZoneOutcome::Skipped; n];
+    let mut passed: Vec<Option<u64>> = vec![None; n];
+    for (i, l) in limits.iter().enumerate() {
+        // The last limit is looked up and charged in one step, the others only looked up (as nginx does).
+        let verdict = if i + 1 == n { l.zone.check_and_charge(l.key, now) } else { l.zone.check(l.key, now) };
+        match verdict {
+            Verdict::Pass { excess } => passed[i] = Some(excess),
+            Verdict::Reject { .. } if l.dry_run => outcomes[i] = ZoneOutcome::DryRunRejected,
+            Verdict::Reject { .. } => {
+                outcomes[i] = ZoneOutcome::Rejected { retry_after_ms: l.zone.retry_after_ms(l.key, now) };
+                return Decision { outcomes, rejected_by: Some(i), delay_ms: 0, excess: vec![None; n] };
+            }
+        }
+    }
+    let mut delay_ms = 0;
+    for (i, l) in limits.iter().enumerate() {
+        let Some(mut excess) = passed[i] else { continue };
+        if i + 1 != n {
+            excess = l.zone.charge(l.key, now);
+            passed[i] = Some(excess);
+        }
+        let ms = algorithm::delay_ms(excess, &l.zone.params);
+        outcomes[i] = match (ms, l.dry_run) {
+            (0, _) => ZoneOutcome::Immediate,
+            (ms, true) => ZoneOutcome::DryRunDelayed { ms },
+            (ms, false) => {
+                delay_ms = delay_ms.max(ms);
+                ZoneOutcome::Delayed { ms }
+            }
+        };
+    }
+    Decision { outcomes, rejected_by: None, delay_ms, excess: passed }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,211 @@
+//! A rate-limit zone: one [`Params`] and the buckets of every key it tracks, in memory bounded by `max_keys`.
+//!
+//! Buckets live in shards (a mutex and a hash map each) so that two cores rarely wait on each other. Memory is
+//! bounded: each shard's map is allocated once for its share of `max_keys` and never grows. When a shard is full,
+//! keys whose bucket has drained are forgotten first (a drained key behaves exactly like a new one, so nothing is
+//! lost); if that is not enough, the keys idle the longest are evicted in a batch (what nginx does when its zone is
+//! full: it drops the least recently used state), which resets their buckets.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::algorithm::{self, Bucket, Params, Verdict};
+
+/// A client key, packed into 128 bits (an IPv4 or IPv6 prefix, or a hash of a header or claim).
+pub type Key = u128;
+
+/// Keys per shard: enough shards that two cores rarely contend, few enough that each stays sizeable.
+const SHARDS: usize = 64;
+
+/// When a full shard has to evict live keys, it frees this fraction (1/n) at once, so eviction is amortised.
+const EVICT_BATCH_DIVISOR: usize = 16;
+
+pub struct Zone {
+    pub params: Params,
+    hasher: RandomState,
+    shards: Box<[Mutex<HashMap<Key, Bucket, RandomState>>]>,
+    per_shard: usize,
+    evictions: AtomicU64,
+}
+
+impl Zone {
+    /// A zone tracking at most about `max_keys` keys (rounded up to a multiple of the shard count).
+    pub fn new(params: Params, max_keys: usize) -> Self {
+        let per_shard = max_keys.div_ceil(SHARDS).max(1);
+        let hasher = RandomState::new();
+        let shards =
+            (0..SHARDS).map(|_| Mutex::new(HashMap::with_capacity_and_hasher(per_shard, hasher.clone()))).collect();
+        Self { params, hasher, shards, per_shard, evictions: AtomicU64::new(0) }
+    }
+
+    fn shard(&self, key: Key) -> std::sync::MutexGuard<'_, HashMap<Key, Bucket, RandomState>> {
+        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+        // A panic while holding a shard lock cannot leave a bucket half-written (plain copies), so carry on.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// nginx's lookup without accounting: would a request at `now` fit? Charges nothing, but, as nginx does, a
+    /// key seen for the first time gets its bucket now (empty, `last = now`), which the later [`Zone::charge`]
+    /// then fills: in a multi-limit route, a new client's first request counts 1000 milli-requests in the
+    /// zones before the last one.
+    pub fn check(&self, key: Key, now: u64) -> Verdict {
+        let mut shard = self.shard(key);
+        if shard.contains_key(&key) {
+            algorithm::evaluate(shard.get(&key), now, &self.params)
+        } else {
+            self.store(&mut shard, key, now, 0);
+            Verdict::Pass { excess: 0 }
+        }
+    }
+
+    /// Lookup with accounting, atomically: charges the request when it fits.
+    pub fn check_and_charge(&self, key: Key, now: u64) -> Verdict {
+        let mut shard = self.shard(key);
+        let verdict = algorithm::evaluate(shard.get(&key), now, &self.params);
+        if let Verdict::Pass { excess } = verdict {
+            self.store(&mut shard, key, now, excess);
+        }
+        verdict
+    }
+
+    /// Charges a request that an earlier check let through (nginx's account phase for all but the last limit):
+    /// the excess is recomputed now and stored without a burst check. Returns it.
+    pub fn charge(&self, key: Key, now: u64) -> u64 {
+        let mut shard = self.shard(key);
+        let excess = match algorithm::evaluate(shard.get(&key), now, &self.params) {
+            Verdict::Pass { excess } | Verdict::Reject { excess } => excess,
+        };
+        self.store(&mut shard, key, now, excess);
+        excess
+    }
+
+    /// ms until `key` may send again (0 when it may now).
+    pub fn retry_after_ms(&self, key: Key, now: u64) -> u64 {
+        self.shard(key).get(&key).map_or(0, |b| algorithm::retry_after_ms(b, now, &self.params))
+    }
+
+    fn store(&self, shard: &mut HashMap<Key, Bucket, RandomState>, key: Key, now: u64, excess: u64) {
+        let updated = algorithm::charge(shard.get(&key), now, excess);
+        if !shard.contains_key(&key) && shard.len() >= self.per_shard {
+            self.make_room(shard, now);
+        }
+        shard.insert(key, updated);
+    }
+
+    /// Frees room in a full shard: drained keys first, then the longest idle ones in a batch.
+    fn make_room(&self, shard: &mut HashMap<Key, Bucket, RandomState>, now: u64) {
+        shard.retain(|_, b| !algorithm::is_drained(b, now, &self.params));
+        let target = self.per_shard - (self.per_shard / EVICT_BATCH_DIVISOR).max(1);
+        if shard.len() > target {
+            let mut lasts: Vec<u64> = shard.values().map(|b| b.last).collect();
+            let cut = shard.len() - target;
+            let (_, &mut oldest_kept, _) = lasts.select_nth_unstable(cut - 1);
+            let mut to_remove = cut;
+            shard.retain(|_, b| {
+                if to_remove > 0 && b.last <= oldest_kept {
+                    to_remove -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+            self.evictions.fetch_add(cut as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets every drained key (a periodic sweep; like governor's `retain_recent`). Returns how many.
+    pub fn sweep(&self, now: u64) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+                let before = s.len();
+                s.retain(|_, b| !algorithm::is_drained(b, now, &self.params));
+                before - s.len()
+            })
+            .sum()
+    }
+
+    /// Keys tracked now.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The most keys this zone will ever hold.
+    pub fn capacity(&self) -> usize {
+        self.per_shard * SHARDS
+    }
+
+    /// Live keys evicted because the zone was full, since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zone(max: usize) -> Zone {
+        Zone::new(Params::new(1, 1, 25, Some(0)), max)
+    }
+
+    #[test]
+    fn keys_are_independent() {
+        let z = zone(1000);
+        for _ in 0..26 {
+            assert!(matches!(z.check_and_charge(1, 0), Verdict::Pass { .. }));
+        }
+        assert!(matches!(z.check_and_charge(1, 0), Verdict::Reject { .. }));
+        assert_eq!(z.check_and_charge(2, 0), Verdict::Pass { excess: 0 });
+    }
+
+    #[test]
+    fn check_charges_nothing_and_charge_stores() {
+        let z = zone(1000);
+        z.check_and_charge(7, 0);
+        assert_eq!(z.check(7, 0), Verdict::Pass { excess: 1000 });
+        assert_eq!(z.check(7, 0), Verdict::Pass { excess: 1000 });
+        assert_eq!(z.charge(7, 0), 1000);
+        assert_eq!(z.check(7, 0), Verdict::Pass { excess: 2000 });
+    }
+
+    #[test]
+    fn a_flood_of_distinct_keys_stays_within_capacity() {
+        let z = zone(10_000);
+        for k in 0..200_000u128 {
+            // Every key stays busy (never drained), so the bound holds only by evicting live keys.
+            z.check_and_charge(k, 0);
+            z.check_and_charge(k, 0);
+        }
+        assert!(z.len() <= z.capacity(), "{} > {}", z.len(), z.capacity());
+        assert_eq!(z.evictions(), 200_000 - z.len() as u64, "every key not tracked was evicted, none lost twice");
+    }
+
+    #[test]
+    fn drained_keys_go_first_and_are_not_counted_as_evictions() {
+        let z = zone(SHARDS); // one key per shard
+        for k in 0..10_000u128 {
+            z.check_and_charge(k, k as u64 * 10_000); // each earlier key has drained by the next one's time
+        }
+        assert_eq!(z.evictions(), 0);
+        assert!(z.len() <= SHARDS);
+    }
+
+    #[test]
+    fn sweep_forgets_only_drained_keys() {
+        let z = zone(1000);
+        z.check_and_charge(1, 0);
+        z.check_and_charge(1, 0); // excess 1000 at t=0: drained at t=2000
+        z.check_and_charge(2, 1500);
+        assert_eq!(z.sweep(1999), 0);
+        assert_eq!(z.sweep(2000), 1);
+        assert_eq!(z.len(), 1);
+    }
+}

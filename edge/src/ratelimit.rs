@@ -1,0 +1,154 @@
+//! The rate-limit phase of a request: ask the limiter, record the decision, then reject (problem+json with
+//! `Retry-After` and the IETF `RateLimit` headers), delay (a timer, no thread held), or let the request through.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use edge::limiter::{Limiter, RequestInfo, Verdict};
+use edge::limits::ZoneOutcome;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram};
+use pingora::http::ResponseHeader;
+use pingora::prelude::{Result, Session};
+use service_core::problem::{self, Problem};
+
+/// Rate-limit metrics, per zone.
+pub struct LimitMetrics {
+    pub decisions: Counter<u64>,
+    pub delay: Histogram<f64>,
+}
+
+/// What the rest of the request's life needs from the decision (response headers, access log).
+#[derive(Default, Clone)]
+pub struct Applied {
+    /// `immediate`, `delayed`, `rejected`, ... of the most significant zone; empty when no route applied.
+    pub outcome: &'static str,
+    pub delay_ms: u64,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// Runs the limiter for `session`. Returns `Ok(true)` when the request was answered (rejected) here.
+pub async fn apply(
+    limiter: &Arc<Limiter>,
+    metrics: &LimitMetrics,
+    session: &mut Session,
+    request_id: &str,
+    applied: &mut Applied,
+) -> Result<bool> {
+    let Some(peer) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) else {
+        return Ok(false);
+    };
+    let verdict = {
+        let req = session.req_header();
+        let get = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let forwarded_for = get("x-forwarded-for");
+        let authorization = get("authorization");
+        let info = RequestInfo {
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            peer,
+            forwarded_for: forwarded_for.as_deref(),
+            authorization: authorization.as_deref(),
+            header: &get,
+        };
+        limiter.check(&info)
+    };
+    let Some(verdict) = verdict else { return Ok(false) };
+    record(metrics, &verdict);
+    applied.headers = rate_limit_headers(&verdict);
+    applied.delay_ms = verdict.decision.delay_ms;
+    applied.outcome = summary(&verdict);
+
+    if let Some(i) = verdict.decision.rejected_by {
+        let spec = &verdict.active.policy.zones[verdict.zones[i]];
+        let retry_ms = match verdict.decision.outcomes[i] {
+            ZoneOutcome::Rejected { retry_after_ms } => retry_after_ms,
+            _ => 1000,
+        };
+        let retry_secs = retry_ms.div_ceil(1000).max(1);
+        tracing::info!(zone = %spec.name, client = %verdict.client_ip, request_id, retry_secs, "rate limited");
+        let body = Problem::new("rate-limited", spec.status, "Too Many Requests")
+            .with_detail(format!("zone {} allows {} with a burst of {}", spec.name, spec.rate_text, spec.burst))
+            .with("zone", serde_json::json!(spec.name))
+            .to_body();
+        let mut resp = ResponseHeader::build(spec.status, Some(6))?;
+        resp.insert_header("content-type", problem::CONTENT_TYPE)?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        resp.insert_header("retry-after", retry_secs.to_string())?;
+        resp.insert_header("x-request-id", request_id)?;
+        for (k, v) in &applied.headers {
+            resp.insert_header(*k, v.as_str())?;
+        }
+        session.set_keepalive(None);
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(Bytes::from(body)), true).await?;
+        return Ok(true);
+    }
+    if verdict.decision.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(verdict.decision.delay_ms)).await;
+    }
+    Ok(false)
+}
+
+fn record(metrics: &LimitMetrics, verdict: &Verdict) {
+    for (pos, outcome) in verdict.decision.outcomes.iter().enumerate() {
+        if matches!(outcome, ZoneOutcome::Skipped) {
+            continue;
+        }
+        let zone = verdict.active.policy.zones[verdict.zones[pos]].name.clone();
+        metrics.decisions.add(1, &[KeyValue::new("zone", zone.clone()), KeyValue::new("outcome", outcome.label())]);
+        if let ZoneOutcome::Delayed { ms } | ZoneOutcome::DryRunDelayed { ms } = outcome {
+            metrics.delay.record(*ms as f64 / 1000.0, &[KeyValue::new("zone", zone)]);
+        }
+    }
+}
+
+/// The outcome that best describes the request: the rejection, else the longest delay, else immediate.
+fn summary(verdict: &Verdict) -> &'static str {
+    let d = &verdict.decision;
+    if let Some(i) = d.rejected_by {
+        return d.outcomes[i].label();
+    }
+    d.outcomes
+        .iter()
+        .max_by_key(|o| match o {
+            ZoneOutcome::Delayed { ms } => 3_000_000 + ms,
+            ZoneOutcome::DryRunRejected => 2_000_000,
+            ZoneOutcome::DryRunDelayed { ms } => 1_000_000 + ms,
+            _ => 0,
+        })
+        .map_or("immediate", ZoneOutcome::label)
+}
+
+/// `RateLimit-Policy` (every zone of the route) and `RateLimit` (the zone with the least room left), as in the
+/// IETF httpapi draft: a zone of rate r and burst b allows q = b + 1 requests in a window of w = q / r seconds.
+fn rate_limit_headers(verdict: &Verdict) -> Vec<(&'static str, String)> {
+    let mut policies = Vec::new();
+    let mut tightest: Option<(u64, String, u64)> = None;
+    for (pos, &zi) in verdict.zones.iter().enumerate() {
+        let spec = &verdict.active.policy.zones[zi];
+        if spec.dry_run {
+            continue;
+        }
+        let quota = spec.burst + 1;
+        let window = (quota * 1_000_000).div_ceil(spec.params.rate * 1000).max(1);
+        policies.push(format!("\"{}\";q={quota};w={window}", spec.name));
+        let excess = verdict.decision.excess.get(pos).copied().flatten();
+        let (remaining, reset) = match excess {
+            Some(e) => (spec.params.burst.saturating_sub(e) / 1000, (e * 1000).div_ceil(spec.params.rate * 1000)),
+            None => (0, verdict.active.zones[zi].params.burst.div_ceil(spec.params.rate).max(1)),
+        };
+        if tightest.as_ref().is_none_or(|(r, _, _)| remaining < *r) {
+            tightest = Some((remaining, spec.name.clone(), reset));
+        }
+    }
+    let mut headers = Vec::new();
+    if !policies.is_empty() {
+        headers.push(("ratelimit-policy", policies.join(", ")));
+    }
+    if let Some((remaining, name, reset)) = tightest {
+        headers.push(("ratelimit", format!("\"{name}\";r={remaining};t={reset}")));
+    }
+    headers
+}

@@ -1,0 +1,95 @@
+//! Policy hot reload, as a Pingora background service: the policy directory is checked for changes every few
+//! seconds (modification times and sizes, which also catches a Kubernetes ConfigMap's symlink swap) and at once
+//! on SIGHUP. A valid policy replaces the old one atomically; an invalid one is refused, logged with every
+//! located error, and counted, and the old policy stays. Drained buckets are swept on the same timer.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use edge::limiter::Limiter;
+use edge::policy;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::Counter;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::signal::unix::{SignalKind, signal};
+
+pub struct PolicyReloader {
+    pub dir: PathBuf,
+    pub interval: Duration,
+    pub limiter: Arc<Limiter>,
+    pub reloads: Counter<u64>,
+}
+
+/// What identifies the directory's content cheaply: each policy file's name, size and modification time.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "toml"))
+        .map(|e| {
+            // metadata() follows symlinks: a swapped ConfigMap target shows up here.
+            let md = std::fs::metadata(e.path()).ok();
+            (e.path(), md.as_ref().map_or(0, |m| m.len()), md.and_then(|m| m.modified().ok()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+impl PolicyReloader {
+    fn reload(&self, why: &str) {
+        match policy::load_dir(&self.dir) {
+            Ok(p) => {
+                let (zones, routes) = (p.zones.len(), p.routes.len());
+                self.limiter.replace(p);
+                self.reloads.add(1, &[KeyValue::new("result", "ok")]);
+                tracing::info!(why, zones, routes, dir = %self.dir.display(), "rate-limit policy reloaded");
+            }
+            Err(errors) => {
+                self.reloads.add(1, &[KeyValue::new("result", "failed")]);
+                tracing::error!(why, dir = %self.dir.display(), errors = %errors,
+                    "invalid rate-limit policy refused; the previous policy stays in force");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for PolicyReloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler; reloading on file changes only");
+                None
+            }
+        };
+        let mut seen = fingerprint(&self.dir);
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                    seen = fingerprint(&self.dir);
+                    self.reload("SIGHUP");
+                }
+                _ = tick.tick() => {
+                    let now = fingerprint(&self.dir);
+                    if now != seen {
+                        seen = now;
+                        self.reload("files changed");
+                    }
+                    let swept = self.limiter.sweep();
+                    if swept > 0 {
+                        tracing::debug!(swept, "forgot drained rate-limit keys");
+                    }
+                }
+            }
+        }
+    }
+}
