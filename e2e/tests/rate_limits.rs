@@ -1,57 +1,23 @@
 //! The edge's rate limits through the real binary over HTTPS, each client a distinct loopback address.
 //! Timings are checked with the tolerance (±150 ms) against nginx's schedule.
 
-use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use testkit::burst::{self, Seen};
 use testkit::{Stack, StackOptions, eventually};
-
-/// What one request saw: status, when it completed (since the burst started), Retry-After.
-#[derive(Debug, Clone)]
-struct Seen {
-    status: u16,
-    at: Duration,
-    retry_after: Option<u64>,
-    content_type: Option<String>,
-}
 
 async fn stack_with(policy: &str) -> anyhow::Result<Stack> {
     Stack::start(StackOptions { workers: false, policy: policy.to_owned(), ..StackOptions::default() }).await
 }
 
-/// A client from `source`, with its TLS connection already open (through an unlimited path), so that a burst
-/// arrives at the edge within a few milliseconds.
+/// A client from `source` whose TLS connection is already open (through the unlimited `/warmup`).
 async fn warm_client(stack: &Stack, source: &str) -> anyhow::Result<reqwest::Client> {
-    let client = stack.https_client_from(source.parse::<IpAddr>()?)?;
-    client.get(format!("{}/warmup", stack.edge_url())).send().await?;
-    Ok(client)
+    burst::warm_client(&stack.tls_dir().join("dev-cert.pem"), source, &format!("{}/warmup", stack.edge_url())).await
 }
 
-/// Sends `n` GETs to `path` at once from `client`; returns what each saw, sorted by completion.
+/// Sends `n` GETs to `path` at once; what each saw, sorted by completion.
 async fn burst(stack: &Stack, client: &reqwest::Client, path: &str, n: usize) -> Vec<Seen> {
-    let start = Instant::now();
-    let url = format!("{}{path}", stack.edge_url());
-    let tasks: Vec<_> = (0..n)
-        .map(|_| {
-            let (client, url) = (client.clone(), url.clone());
-            tokio::spawn(async move {
-                let r = client.get(url).send().await.expect("request");
-                let header = |k: &str| r.headers().get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                Seen {
-                    status: r.status().as_u16(),
-                    at: start.elapsed(),
-                    retry_after: header("retry-after").and_then(|v| v.parse().ok()),
-                    content_type: header("content-type"),
-                }
-            })
-        })
-        .collect();
-    let mut seen = Vec::new();
-    for t in tasks {
-        seen.push(t.await.expect("task"));
-    }
-    seen.sort_by_key(|s| s.at);
-    seen
+    burst::burst(client, &format!("{}{path}", stack.edge_url()), n).await.expect("burst")
 }
 
 /// Asserts the accepted requests completed on nginx's schedule: the k-th at k * `step` (±150 ms).

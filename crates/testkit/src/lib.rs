@@ -4,14 +4,17 @@
 //! Everything started here is stopped when its handle drops (PostgreSQL with `pg_ctl stop`, processes by PID).
 //! On a failing test, the logs of the processes are printed.
 
+pub mod burst;
+mod nginx;
 mod postgres;
 mod process;
 mod stack;
 mod tansu;
 
+pub use nginx::Nginx;
 pub use postgres::Postgres;
 pub use process::{Service, bin_path};
-pub use stack::{Stack, StackOptions};
+pub use stack::{Stack, StackOptions, https_client_trusting};
 pub use tansu::Tansu;
 
 use std::net::TcpListener;
