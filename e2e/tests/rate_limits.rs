@@ -193,3 +193,44 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_for_counts_only_from_trusted_proxies() -> anyhow::Result<()> {
+    let policy = "[client]\ntrusted_proxies = [\"127.0.0.40/32\"]\n\
+                  [zones.ip]\nrate = \"1r/m\"\nburst = 0\nmode = \"nodelay\"\n\
+                  [[routes]]\npath_prefix = \"/v1/\"\nzones = [\"ip\"]\n";
+    let stack = stack_with(policy).await?;
+    let get = |c: reqwest::Client, xff: &'static str| {
+        let url = format!("{}/v1/x", stack.edge_url());
+        async move { anyhow::Ok(c.get(url).header("x-forwarded-for", xff).send().await?.status().as_u16()) }
+    };
+    let proxy = warm_client(&stack, "127.0.0.40").await?;
+    // Behind the trusted proxy, each forwarded client has its own bucket; a spoofed left part changes nothing.
+    assert_ne!(get(proxy.clone(), "198.51.100.1").await?, 429);
+    assert_eq!(get(proxy.clone(), "6.6.6.6, 198.51.100.1").await?, 429, "same client, spoofed prefix");
+    assert_ne!(get(proxy.clone(), "198.51.100.2").await?, 429, "another client behind the proxy");
+    // From an untrusted peer the header is ignored: the peer is the client, whatever it claims.
+    let direct = warm_client(&stack, "127.0.0.41").await?;
+    assert_ne!(get(direct.clone(), "198.51.100.3").await?, 429);
+    assert_eq!(get(direct.clone(), "198.51.100.4").await?, 429, "spoofing a new address does not buy a bucket");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_zones_on_one_route_the_first_rejection_charges_nothing() -> anyhow::Result<()> {
+    let policy = "[zones.ip]\nrate = \"1r/m\"\nburst = 6\nmode = \"nodelay\"\n\
+                  [zones.tenant]\nkey = \"header:x-tenant\"\nrate = \"1r/m\"\nburst = 2\nmode = \"nodelay\"\nstatus = 503\n\
+                  [[routes]]\npath_prefix = \"/v1/\"\nzones = [\"ip\", \"tenant\"]\n";
+    let stack = stack_with(policy).await?;
+    let c = warm_client(&stack, "127.0.0.50").await?;
+    let url = format!("{}/v1/x", stack.edge_url());
+    let mut statuses = Vec::new();
+    for tenant in ["a", "a", "a", "a", "b", "b", "b", "c"] {
+        statuses.push(c.get(&url).header("x-tenant", tenant).send().await?.status().as_u16());
+    }
+    let limited: Vec<u16> = statuses.iter().map(|s| if *s == 429 || *s == 503 { *s } else { 0 }).collect();
+    // a: 3 pass, the 4th is refused by the tenant zone (503) without charging the address zone;
+    // b: 3 pass (the address zone now holds 6 = its burst); c: refused by the address zone (429).
+    assert_eq!(limited, vec![0, 0, 0, 503, 0, 0, 0, 429], "{statuses:?}");
+    Ok(())
+}
