@@ -19,6 +19,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use clap::{Parser, Subcommand};
 use edge::limiter::Limiter;
+use edge::limits::Zone;
 use edge::policy;
 use opentelemetry::KeyValue;
 use pingora::prelude::Opt;
@@ -74,6 +75,19 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
+/// A metrics callback observing `value` of every zone of the active policy, labelled by zone name.
+fn per_zone(
+    limiter: Arc<Limiter>,
+    value: fn(&Zone) -> u64,
+) -> impl Fn(&dyn opentelemetry::metrics::AsyncInstrument<u64>) + Send + Sync + 'static {
+    move |observer| {
+        let active = limiter.active();
+        for (spec, zone) in active.policy.zones.iter().zip(&active.zones) {
+            observer.observe(value(zone), &[KeyValue::new("zone", spec.name.clone())]);
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config: Config = service_core::config::load(cli.config.as_deref(), "EDGE_")?;
@@ -116,30 +130,16 @@ fn main() -> anyhow::Result<()> {
     };
     let reloads =
         meter.u64_counter("edge.ratelimit.policy.reloads").with_description("Policy reloads by result").build();
-    {
-        let l = limiter.clone();
-        meter
-            .u64_observable_gauge("edge.ratelimit.tracked_keys")
-            .with_description("Client keys tracked per zone")
-            .with_callback(move |o| {
-                let active = l.active();
-                for (spec, zone) in active.policy.zones.iter().zip(&active.zones) {
-                    o.observe(zone.len() as u64, &[KeyValue::new("zone", spec.name.clone())]);
-                }
-            })
-            .build();
-        let l = limiter.clone();
-        meter
-            .u64_observable_counter("edge.ratelimit.evictions")
-            .with_description("Live keys evicted because a zone was full")
-            .with_callback(move |o| {
-                let active = l.active();
-                for (spec, zone) in active.policy.zones.iter().zip(&active.zones) {
-                    o.observe(zone.evictions(), &[KeyValue::new("zone", spec.name.clone())]);
-                }
-            })
-            .build();
-    }
+    meter
+        .u64_observable_gauge("edge.ratelimit.tracked_keys")
+        .with_description("Client keys tracked per zone")
+        .with_callback(per_zone(limiter.clone(), Zone::len_u64))
+        .build();
+    meter
+        .u64_observable_counter("edge.ratelimit.evictions")
+        .with_description("Live keys evicted because a zone was full")
+        .with_callback(per_zone(limiter.clone(), Zone::evictions))
+        .build();
     let duration = metrics
         .meter()
         .f64_histogram("http.server.request.duration")

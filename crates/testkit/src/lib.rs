@@ -28,6 +28,16 @@ pub fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
+/// Waits until something listens on loopback `port`.
+pub async fn wait_listening(port: u16, timeout: Duration, what: &str) -> anyhow::Result<()> {
+    eventually(
+        timeout,
+        what,
+        || async move { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ()) },
+    )
+    .await
+}
+
 /// Polls `check` every 100 ms until it returns `Some` or `timeout` passes.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
 where

@@ -49,10 +49,7 @@ impl Nginx {
             &[],
             dir.path(),
         )?;
-        crate::eventually(Duration::from_secs(10), "nginx to listen", || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
-        })
-        .await?;
+        crate::wait_listening(port, Duration::from_secs(10), "nginx to listen").await?;
         Ok(Self { port, _service: service, _dir: dir })
     }
 

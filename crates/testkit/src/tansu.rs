@@ -40,10 +40,7 @@ impl Tansu {
             &[],
             dir.path(),
         )?;
-        crate::eventually(Duration::from_secs(20), "tansu to listen", || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
-        })
-        .await?;
+        crate::wait_listening(port, Duration::from_secs(20), "tansu to listen").await?;
         for (topic, partitions) in TOPICS {
             create_topic(&bin, &url, topic, *partitions)?;
         }

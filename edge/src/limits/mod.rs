@@ -68,6 +68,7 @@ pub struct Decision {
 pub fn decide(limits: &[Limit<'_>], now: u64) -> Decision {
     let n = limits.len();
     let mut outcomes = vec![ZoneOutcome::Skipped; n];
+    // Each zone's excess once it passed; becomes the decision's `excess` (cleared when a zone rejects).
     let mut passed: Vec<Option<u64>> = vec![None; n];
     for (i, l) in limits.iter().enumerate() {
         // The last limit is looked up and charged in one step, the others only looked up (as nginx does).
@@ -77,7 +78,8 @@ pub fn decide(limits: &[Limit<'_>], now: u64) -> Decision {
             Verdict::Reject { .. } if l.dry_run => outcomes[i] = ZoneOutcome::DryRunRejected,
             Verdict::Reject { .. } => {
                 outcomes[i] = ZoneOutcome::Rejected { retry_after_ms: l.zone.retry_after_ms(l.key, now) };
-                return Decision { outcomes, rejected_by: Some(i), delay_ms: 0, excess: vec![None; n] };
+                passed.iter_mut().for_each(|e| *e = None);
+                return Decision { outcomes, rejected_by: Some(i), delay_ms: 0, excess: passed };
             }
         }
     }
