@@ -33,7 +33,9 @@ where
         }
         figment = figment.merge(Toml::file(path));
     }
-    figment.merge(Env::prefixed(env_prefix).split("__")).extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
+    // `{prefix}CONFIG` names the file (the binaries' `--config`); it is not a key.
+    let env = Env::prefixed(env_prefix).filter(|key| key != "config").split("__");
+    figment.merge(env).extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
 }
 
 #[cfg(test)]
