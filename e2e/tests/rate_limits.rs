@@ -234,3 +234,21 @@ async fn several_zones_on_one_route_the_first_rejection_charges_nothing() -> any
     assert_eq!(limited, vec![0, 0, 0, 503, 0, 0, 0, 429], "{statuses:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_clients_are_keyed_by_their_64_prefix() -> anyhow::Result<()> {
+    // IPv6 clients reach the edge through a trusted load balancer here (loopback has one IPv6 address only).
+    let policy = "[client]\ntrusted_proxies = [\"127.0.0.60/32\"]\nipv6_prefix = 64\n\
+                  [zones.ip]\nrate = \"1r/m\"\nburst = 1\nmode = \"nodelay\"\n\
+                  [[routes]]\npath_prefix = \"/v1/\"\nzones = [\"ip\"]\n";
+    let stack = stack_with(policy).await?;
+    let lb = warm_client(&stack, "127.0.0.60").await?;
+    let url = format!("{}/v1/x", stack.edge_url());
+    let mut statuses = Vec::new();
+    for client in ["2001:db8:1:2::1", "2001:db8:1:2:ffff::9", "2001:db8:1:2::7", "2001:db8:1:3::1"] {
+        statuses.push(lb.get(&url).header("x-forwarded-for", client).send().await?.status().as_u16() == 429);
+    }
+    // Three hosts of one /64 share a bucket of 2 (the third is refused); another /64 has its own.
+    assert_eq!(statuses, vec![false, false, true, false]);
+    Ok(())
+}
