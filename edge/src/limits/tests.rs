@@ -1,5 +1,7 @@
 //! The limiter against a reference model: a direct transcription of nginx's C (`ngx_http_limit_req_lookup`
 //! and `ngx_http_limit_req_account`) with signed integers and one plain map per zone, run on generated traffic.
+//! Times are offset by [`EPOCH`], because nginx's `ngx_current_msec` is wall-clock milliseconds: a node created
+//! with `last = 0` is then as old as in nginx.
 
 use std::collections::HashMap;
 
@@ -7,6 +9,9 @@ use proptest::prelude::*;
 
 use super::algorithm::Params;
 use super::*;
+
+/// Where the model's clock starts: a plausible `ngx_current_msec`.
+const EPOCH: i64 = 1_764_000_000_000;
 
 /// nginx's node: `excess` and `last` as the C code keeps them (signed).
 #[derive(Clone, Copy)]
@@ -56,10 +61,14 @@ impl ModelZone {
                 }
                 Lookup::Again(excess)
             }
-            None => {
-                // A new node is created (excess 0, last now) whether or not this limit accounts.
+            None if account => {
                 self.nodes.insert(key, Node { excess: 0, last: now });
-                if account { Lookup::Ok(0) } else { Lookup::Again(0) }
+                Lookup::Ok(0)
+            }
+            None => {
+                // Not accounting: the new node gets `last = 0` (ngx_http_limit_req_module.c).
+                self.nodes.insert(key, Node { excess: 0, last: 0 });
+                Lookup::Again(0)
             }
         }
     }
@@ -124,7 +133,7 @@ proptest! {
             now += gap;
             let key = u128::from(key);
             let ours = decide(&[Limit { zone: &zone, key, dry_run: false }], now);
-            let theirs = model_decide(&mut model, &[key], now as i64);
+            let theirs = model_decide(&mut model, &[key], EPOCH + now as i64);
             match theirs {
                 Err(_) => prop_assert_eq!(ours.rejected_by, Some(0)),
                 Ok(d) => {
@@ -147,7 +156,7 @@ proptest! {
             let limits: Vec<Limit<'_>> =
                 zones.iter().zip(keys).map(|(zone, key)| Limit { zone, key, dry_run: false }).collect();
             let ours = decide(&limits, now);
-            match model_decide(&mut model, &keys, now as i64) {
+            match model_decide(&mut model, &keys, EPOCH + now as i64) {
                 Err(i) => prop_assert_eq!(ours.rejected_by, Some(i)),
                 Ok(d) => {
                     prop_assert_eq!(ours.rejected_by, None);
@@ -188,8 +197,8 @@ fn the_first_rejection_stops_and_charges_no_zone() {
     let d = decide(&limits, 0);
     assert_eq!(d.rejected_by, Some(1));
     assert_eq!(d.outcomes, vec![ZoneOutcome::Skipped, ZoneOutcome::Rejected { retry_after_ms: 1000 }]);
-    // The wide zone was charged once (by the first request: 1000, nginx's new-node quirk), not by the second.
-    assert_eq!(wide.check(1, 0), algorithm::Verdict::Pass { excess: 2000 });
+    // The wide zone was charged by the first request only, not by the rejected second one.
+    assert_eq!(wide.check(1, 0), algorithm::Verdict::Pass { excess: 1000 });
 }
 
 #[test]
@@ -197,10 +206,9 @@ fn all_zones_are_charged_and_the_longest_delay_wins() {
     let slow = Zone::new(Params::new(1, 1, 10, Some(0)), 1024);
     let fast = Zone::new(Params::new(10, 1, 10, Some(0)), 1024);
     let limits = [Limit { zone: &slow, key: 1, dry_run: false }, Limit { zone: &fast, key: 1, dry_run: false }];
-    // nginx's quirk: a new key in a zone that is not the last one is charged 1000 on its first request.
     let first = decide(&limits, 0);
-    assert_eq!(first.outcomes, vec![ZoneOutcome::Delayed { ms: 1000 }, ZoneOutcome::Immediate]);
+    assert_eq!(first.outcomes, vec![ZoneOutcome::Immediate, ZoneOutcome::Immediate]);
     let d = decide(&limits, 0);
-    assert_eq!(d.delay_ms, 2000);
-    assert_eq!(d.outcomes, vec![ZoneOutcome::Delayed { ms: 2000 }, ZoneOutcome::Delayed { ms: 100 }]);
+    assert_eq!(d.delay_ms, 1000);
+    assert_eq!(d.outcomes, vec![ZoneOutcome::Delayed { ms: 1000 }, ZoneOutcome::Delayed { ms: 100 }]);
 }

@@ -30,6 +30,9 @@ const EVICT_BATCH_DIVISOR: usize = 16;
 
 pub struct Zone {
     pub params: Params,
+    /// Picks a key's shard. Separate from the maps' hasher: with one hasher, every key of a shard would share
+    /// the low bits that choose its slot in the shard's table, and probes would pile up.
+    shard_hasher: RandomState,
     hasher: RandomState,
     shards: Box<[Mutex<HashMap<Key, Bucket, RandomState>>]>,
     per_shard: usize,
@@ -45,27 +48,20 @@ impl Zone {
         let shards: Box<[_]> =
             (0..SHARDS).map(|_| Mutex::new(HashMap::with_capacity_and_hasher(asked, hasher.clone()))).collect();
         let per_shard = shards[0].lock().map(|m| m.capacity()).unwrap_or(asked).max(asked);
-        Self { params, hasher, shards, per_shard, evictions: AtomicU64::new(0) }
+        Self { params, shard_hasher: RandomState::default(), hasher, shards, per_shard, evictions: AtomicU64::new(0) }
     }
 
     fn shard(&self, key: Key) -> std::sync::MutexGuard<'_, HashMap<Key, Bucket, RandomState>> {
-        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+        let i = (self.shard_hasher.hash_one(key) as usize) % SHARDS;
         // A panic while holding a shard lock cannot leave a bucket half-written (plain copies), so carry on.
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// nginx's lookup without accounting: would a request at `now` fit? Charges nothing, but, as nginx does, a
-    /// key seen for the first time gets its bucket now (empty, `last = now`), which the later [`Zone::charge`]
-    /// then fills: in a multi-limit route, a new client's first request counts 1000 milli-requests in the
-    /// zones before the last one.
+    /// nginx's lookup without accounting: would a request at `now` fit? Charges nothing. (nginx creates an empty
+    /// node here with `last = 0`, which its account step then finds fully drained: exactly a key never seen,
+    /// which is how it is kept here, by not storing it until [`Zone::charge`].)
     pub fn check(&self, key: Key, now: u64) -> Verdict {
-        let mut shard = self.shard(key);
-        if shard.contains_key(&key) {
-            algorithm::evaluate(shard.get(&key), now, &self.params)
-        } else {
-            self.store(&mut shard, key, now, 0);
-            Verdict::Pass { excess: 0 }
-        }
+        algorithm::evaluate(self.shard(key).get(&key), now, &self.params)
     }
 
     /// Lookup with accounting, atomically: charges the request when it fits.
@@ -143,7 +139,10 @@ impl Zone {
             .map(|s| {
                 let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
                 let before = s.len();
-                if s.values().any(|b| algorithm::is_drained(b, now, &self.params)) {
+                // Rebuilding allocates a fresh table under the lock: worth it only for a sizeable share. The rest
+                // goes when the shard fills up (make_room drops drained keys first).
+                let drained = s.values().filter(|b| algorithm::is_drained(b, now, &self.params)).count();
+                if drained > 0 && drained >= s.len() / 8 {
                     self.rebuild(&mut s, |b| !algorithm::is_drained(b, now, &self.params));
                 }
                 before - s.len()
