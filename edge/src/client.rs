@@ -66,7 +66,9 @@ pub fn value_key(value: &str) -> Key {
 }
 
 /// A claim of the bearer token in `authorization`, read without verifying the signature (the gateway does
-/// that; an unverified claim only chooses a bucket, it grants nothing). Strings and numbers only.
+/// that). Unverified, a claim is whatever the client wrote: keying by it alone lets a client rotate it for
+/// fresh buckets or name someone else's, so routes pair such a zone with a `client_ip` one (see the docs).
+/// Strings and numbers only.
 pub fn bearer_claim(authorization: Option<&str>, claim: &str) -> Option<String> {
     let token = authorization?.strip_prefix("Bearer ").or_else(|| authorization?.strip_prefix("bearer "))?;
     let payload = token.trim().split('.').nth(1)?;

@@ -58,7 +58,8 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string());
-        let forwarded_for = forwarded_for(header(upstream, "x-forwarded-for"), client_ip.as_deref());
+        let chain = forwarded_chain(&upstream.headers);
+        let forwarded_for = forwarded_for(chain.as_deref(), client_ip.as_deref());
         if let Some(v) = forwarded_for {
             upstream.insert_header("x-forwarded-for", v)?;
         }
@@ -109,6 +110,15 @@ fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// Every `X-Forwarded-For` line of a request, in order, as one comma-separated chain (a proxy may add a line of
+/// its own instead of appending to the client's). Bytes that are not UTF-8 are replaced, not fatal: the parser
+/// then refuses that hop only.
+pub fn forwarded_chain(headers: &http::HeaderMap) -> Option<String> {
+    let parts: Vec<String> =
+        headers.get_all("x-forwarded-for").iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
 /// `X-Forwarded-For` for the upstream: the incoming chain with the client's address appended (as nginx's
 /// `$proxy_add_x_forwarded_for`).
 fn forwarded_for(incoming: Option<&str>, client_ip: Option<&str>) -> Option<String> {
@@ -153,6 +163,15 @@ mod tests {
         assert_eq!(forwarded_for(None, Some("1.2.3.4")).as_deref(), Some("1.2.3.4"));
         assert_eq!(forwarded_for(Some("9.9.9.9"), Some("1.2.3.4")).as_deref(), Some("9.9.9.9, 1.2.3.4"));
         assert_eq!(forwarded_for(Some("  "), Some("1.2.3.4")).as_deref(), Some("1.2.3.4"));
+    }
+
+    #[test]
+    fn every_forwarded_for_line_counts() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(forwarded_chain(&h), None);
+        h.append("x-forwarded-for", http::HeaderValue::from_static("6.6.6.6"));
+        h.append("x-forwarded-for", http::HeaderValue::from_static("198.51.100.7"));
+        assert_eq!(forwarded_chain(&h).as_deref(), Some("6.6.6.6, 198.51.100.7"));
     }
 
     #[test]

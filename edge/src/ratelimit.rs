@@ -42,7 +42,7 @@ pub async fn apply(
     let verdict = {
         let req = session.req_header();
         let get = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let forwarded_for = get("x-forwarded-for");
+        let forwarded_for = crate::proxy::forwarded_chain(&req.headers);
         let authorization = get("authorization");
         let info = RequestInfo {
             method: req.method.as_str(),
