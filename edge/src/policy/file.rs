@@ -329,6 +329,8 @@ fn route(loc: &mut Located<'_>, zones: &[ZoneSpec], raw: RawRoute, span: Range<u
     let mut indices = Vec::new();
     for z in &raw.zones {
         match zones.iter().position(|spec| spec.name == *z.get_ref()) {
+            Some(i) if indices.contains(&i) => loc
+                .error(z.span(), format!("zone {:?} is listed twice: expected each zone once per route", z.get_ref())),
             Some(i) => indices.push(i),
             None => {
                 let known: Vec<&str> = zones.iter().map(|s| s.name.as_str()).collect();
@@ -432,6 +434,10 @@ mod tests {
 
         let err = one("[zones.ip\n").unwrap_err();
         assert_eq!(err.0[0].line, 1, "{err}");
+
+        let err = one("[zones.ip]\nrate = \"1r/s\"\n[[routes]]\npath_prefix = \"/\"\nzones = [\"ip\", \"ip\"]\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("p.toml:5:16: zone \"ip\" is listed twice"), "{err}");
 
         let err = one("[zones.ip]\nrate = \"1r/s\"\nstatus = 302\n").unwrap_err();
         assert!(err.0[0].message.contains("400..=599"), "{err}");
