@@ -38,11 +38,13 @@ async fn main() -> anyhow::Result<()> {
 async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = service_core::shutdown::on_signals().context("installing signal handlers")?;
     let metrics = Metrics::new("gateway")?;
-    let readiness = Readiness::new(&["jwks", "kafka"]);
+    let readiness = Readiness::new(&["jwks", "kafka", "serving"]);
+    // The admin listener outlives the drain: probes see `serving` go false while in-flight requests finish.
+    let admin_stop = tokio_util::sync::CancellationToken::new();
     let (admin_addr, admin_task) = admin::spawn(
         config.admin_listen,
         AdminState { readiness: readiness.clone(), metrics: metrics.clone() },
-        shutdown.child_token(),
+        admin_stop.clone(),
     )
     .await
     .with_context(|| format!("binding admin listener {}", config.admin_listen))?;
@@ -76,10 +78,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(listen = %listener.local_addr()?, admin = %admin_addr, "gateway started");
+    readiness.set("serving", true);
+    {
+        let (readiness, shutdown) = (readiness.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            readiness.set("serving", false);
+        });
+    }
     server::serve(listener, api, shutdown.clone(), Duration::from_secs(config.shutdown_timeout_secs)).await;
 
     tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(5))).await?;
-    shutdown.cancel();
+    admin_stop.cancel();
     let _ = admin_task.await;
     tracing::info!("gateway stopped");
     Ok(())
