@@ -252,3 +252,31 @@ async fn ipv6_clients_are_keyed_by_their_64_prefix() -> anyhow::Result<()> {
     assert_eq!(statuses, vec![false, false, true, false]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_in_a_bucket_survive_reloads() -> anyhow::Result<()> {
+    let paced = "[zones.z]\nrate = \"5r/s\"\nburst = 20\n[[routes]]\npath_prefix = \"/v1/\"\nzones = [\"z\"]\n";
+    let stack = stack_with(paced).await?;
+    let c = warm_client(&stack, "127.0.0.70").await?;
+    // 15 at once: they leave over 2.8 s. Meanwhile the policy changes twice (the zone itself, then back).
+    let waiting = tokio::spawn({
+        let (c, url) = (c.clone(), format!("{}/v1/wait", stack.edge_url()));
+        async move { burst::burst(&c, &url, 15).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(stack.policy_dir().join("policy.toml"), paced.replace("burst = 20", "burst = 30"))?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::fs::write(stack.policy_dir().join("policy.toml"), paced)?;
+    let seen = waiting.await??;
+    assert_eq!(seen.len(), 15);
+    assert!(seen.iter().all(|s| s.status != 429), "every admitted request is served: {seen:?}");
+    assert!(seen.last().is_some_and(|s| s.at >= Duration::from_millis(2600)), "they really waited: {seen:?}");
+    let metrics = reqwest::get(stack.admin_url(stack.ports.edge_admin, "/metrics")).await?.text().await?;
+    let reloads = metrics
+        .lines()
+        .find(|l| l.starts_with("edge_ratelimit_policy_reloads_total") && l.contains("result=\"ok\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(reloads >= 1, "{metrics}");
+    Ok(())
+}
