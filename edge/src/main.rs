@@ -9,6 +9,7 @@ mod config;
 mod proxy;
 mod ratelimit;
 mod reload;
+mod respond;
 mod tls;
 
 use std::path::PathBuf;

@@ -12,6 +12,9 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::Histogram;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
+use pingora::proxy::FailToProxy;
+use pingora::{ErrorSource, ErrorType};
+use service_core::problem::Problem;
 
 use crate::ratelimit::{self, Applied, LimitMetrics};
 
@@ -86,6 +89,42 @@ impl ProxyHttp for EdgeProxy {
             response.insert_header(*name, value.as_str())?;
         }
         Ok(())
+    }
+
+    /// When the request could not be proxied: a problem+json answer instead of Pingora's bare page. A gateway that
+    /// cannot be reached (the request never left the edge) is `503` with `Retry-After`, at once; one that failed
+    /// or timed out mid-exchange is `502` / `504`.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut Self::CTX) -> FailToProxy {
+        let (status, slug, title) = match e.etype() {
+            ErrorType::HTTPStatus(code) => (*code, "http-error", "Error"),
+            _ if e.esource() == &ErrorSource::Downstream => {
+                let code = match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                };
+                (code, "bad-request", "Bad Request")
+            }
+            ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::HandshakeError
+            | ErrorType::SocketError => (503, "upstream-unavailable", "Service Unavailable"),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => (504, "upstream-timeout", "Gateway Timeout"),
+            _ if e.esource() == &ErrorSource::Upstream => (502, "bad-gateway", "Bad Gateway"),
+            _ => (500, "internal-error", "Internal Server Error"),
+        };
+        if status > 0 {
+            let problem = Problem::new(slug, status, title);
+            let extra: Vec<(&'static str, String)> =
+                if status == 503 { vec![("retry-after", "1".to_owned())] } else { Vec::new() };
+            if let Err(write_error) = crate::respond::problem(session, &problem, &ctx.request_id, &extra).await {
+                tracing::debug!(error = %write_error, "could not send the error response");
+            }
+        }
+        FailToProxy { error_code: status, can_reuse_downstream: false }
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&pingora::Error>, ctx: &mut Self::CTX) {

@@ -4,14 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use edge::limiter::{Limiter, RequestInfo, Verdict};
 use edge::limits::ZoneOutcome;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
-use pingora::http::ResponseHeader;
 use pingora::prelude::{Result, Session};
-use service_core::problem::{self, Problem};
+use service_core::problem::Problem;
 
 /// Rate-limit metrics, per zone.
 pub struct LimitMetrics {
@@ -68,21 +66,12 @@ pub async fn apply(
         };
         let retry_secs = retry_ms.div_ceil(1000).max(1);
         tracing::info!(zone = %spec.name, client = %verdict.client_ip, request_id, retry_secs, "rate limited");
-        let body = Problem::new("rate-limited", spec.status, "Too Many Requests")
+        let problem = Problem::new("rate-limited", spec.status, "Too Many Requests")
             .with_detail(format!("zone {} allows {} with a burst of {}", spec.name, spec.rate_text, spec.burst))
-            .with("zone", serde_json::json!(spec.name))
-            .to_body();
-        let mut resp = ResponseHeader::build(spec.status, Some(6))?;
-        resp.insert_header("content-type", problem::CONTENT_TYPE)?;
-        resp.insert_header("content-length", body.len().to_string())?;
-        resp.insert_header("retry-after", retry_secs.to_string())?;
-        resp.insert_header("x-request-id", request_id)?;
-        for (k, v) in &applied.headers {
-            resp.insert_header(*k, v.as_str())?;
-        }
-        session.set_keepalive(None);
-        session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(Bytes::from(body)), true).await?;
+            .with("zone", serde_json::json!(spec.name));
+        let mut headers = applied.headers.clone();
+        headers.push(("retry-after", retry_secs.to_string()));
+        crate::respond::problem(session, &problem, request_id, &headers).await?;
         return Ok(true);
     }
     if verdict.decision.delay_ms > 0 {
