@@ -62,6 +62,31 @@ async fn an_accepted_order_reaches_postgres() -> anyhow::Result<()> {
     assert_eq!(row.get::<_, String>(3), "received");
     let items: i64 = db.query_one("SELECT count(*) FROM order_items WHERE order_id = $1", &[&order_id]).await?.get(0);
     assert_eq!(items, 2);
+
+    // The Location answers, through the edge, from PostgreSQL.
+    let client = stack.https_client()?;
+    let get = |path: String, token: String| {
+        let (client, url) = (client.clone(), format!("{}{path}", stack.edge_url()));
+        async move { client.get(url).bearer_auth(token).send().await }
+    };
+    let resp = get(location.clone().unwrap_or_default(), token.clone()).await?;
+    assert_eq!(resp.status(), 200);
+    let order: Value = resp.json().await?;
+    assert_eq!(order["id"], id.as_str());
+    assert_eq!(order["status"], "received");
+    assert_eq!(order["currency"], "EUR");
+    assert_eq!(order["total_cents"], 2 * 1250 + 99);
+    assert_eq!(order["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(order["items"][0]["sku"], "SKU-1");
+    assert_eq!(order["history"][0]["status"], "received");
+
+    let unknown = get(format!("/v1/orders/{}", uuid::Uuid::now_v7()), token.clone()).await?;
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(get("/v1/orders/not-a-uuid".into(), token.clone()).await?.status(), 400);
+    let mut write_only = stack.claims();
+    write_only.realm_access.roles.retain(|r| r != "orders:read");
+    let resp = get(location.unwrap_or_default(), stack.key.sign(&write_only)?).await?;
+    assert_eq!(resp.status(), 403, "reading needs orders:read");
     Ok(())
 }
 

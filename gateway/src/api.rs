@@ -17,11 +17,14 @@ use crate::publish::Publisher;
 
 /// Role needed to create orders.
 pub const ROLE_WRITE: &str = "orders:write";
+/// Role needed to read them.
+pub const ROLE_READ: &str = "orders:read";
 
 /// Everything a request handler needs.
 pub struct Api {
     pub verifier: Verifier,
     pub publisher: Publisher,
+    pub orders_db: deadpool_postgres::Pool,
     pub max_body_bytes: usize,
     pub duration: Histogram<f64>,
 }
@@ -56,7 +59,18 @@ impl Api {
                 };
                 ("/v1/orders/async", r)
             }
-            _ => ("unmatched", problem_response(&Problem::new("not-found", 404, "Not Found"))),
+            _ => match path.strip_prefix("/v1/orders/").filter(|id| !id.is_empty() && !id.contains('/')) {
+                Some(id) => {
+                    let r = if req.method() == Method::GET || req.method() == Method::HEAD {
+                        let id = id.to_owned();
+                        self.get_order(&req, &id).await
+                    } else {
+                        method_not_allowed("GET, HEAD")
+                    };
+                    ("/v1/orders/{id}", r)
+                }
+                None => ("unmatched", problem_response(&Problem::new("not-found", 404, "Not Found"))),
+            },
         }
     }
 
@@ -89,6 +103,43 @@ impl Api {
                 let mut r = problem_response(
                     &Problem::new("broker-unavailable", 503, "Service Unavailable")
                         .with_detail("the order could not be stored; it was not accepted, retry later"),
+                );
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
+        }
+    }
+
+    async fn get_order(&self, req: &Request<Incoming>, id: &str) -> Response<Body> {
+        let principal = match self.verifier.authenticate(header_str(req, header::AUTHORIZATION)) {
+            Ok(p) => p,
+            Err(e) => return auth_failure(&e),
+        };
+        if let Err(e) = principal.require(ROLE_READ) {
+            return auth_failure(&e);
+        }
+        let Ok(id) = id.parse::<uuid::Uuid>() else {
+            return problem_response(
+                &Problem::new("invalid-order-id", 400, "Bad Request").with_detail("an order id is a UUID"),
+            );
+        };
+        match crate::read::order(&self.orders_db, id).await {
+            Ok(Some(order)) => match serde_json::to_value(&order) {
+                Ok(v) => json_response(StatusCode::OK, &v),
+                Err(e) => problem_response(
+                    &Problem::new("internal-error", 500, "Internal Server Error").with_detail(e.to_string()),
+                ),
+            },
+            Ok(None) => problem_response(
+                &Problem::new("order-not-found", 404, "Not Found")
+                    .with_detail("no such order (yet: an accepted order appears once a worker has stored it)")
+                    .with("order_id", serde_json::json!(id)),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading an order failed");
+                let mut r = problem_response(
+                    &Problem::new("database-unavailable", 503, "Service Unavailable")
+                        .with_detail("orders cannot be read now"),
                 );
                 r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 r

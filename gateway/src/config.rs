@@ -21,6 +21,21 @@ pub struct Config {
     pub log: LogConfig,
     pub auth: AuthConfig,
     pub kafka: KafkaConfig,
+    pub database: DatabaseConfig,
+}
+
+/// The read side: `GET /v1/orders/{id}` (sessions are read-only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub pool_size: usize,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self { url: "postgres://orders@127.0.0.1:55432/orders".into(), pool_size: 4 }
+    }
 }
 
 impl Default for Config {
@@ -33,6 +48,7 @@ impl Default for Config {
             log: LogConfig::default(),
             auth: AuthConfig::default(),
             kafka: KafkaConfig::default(),
+            database: DatabaseConfig::default(),
         }
     }
 }

@@ -4,6 +4,7 @@ mod api;
 mod auth;
 mod config;
 mod publish;
+mod read;
 mod server;
 
 use std::path::PathBuf;
@@ -72,8 +73,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_description("Duration of HTTP requests handled by the gateway")
         .with_boundaries(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
         .build();
-    let api =
-        Arc::new(api::Api { verifier, publisher: publisher.clone(), max_body_bytes: config.max_body_bytes, duration });
+    let orders_db = read::pool(&config.database.url, config.database.pool_size)?;
+    let api = Arc::new(api::Api {
+        verifier,
+        publisher: publisher.clone(),
+        orders_db,
+        max_body_bytes: config.max_body_bytes,
+        duration,
+    });
 
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;

@@ -103,6 +103,7 @@ impl Stack {
             kv("GATEWAY_LISTEN", format!("127.0.0.1:{}", self.ports.gateway)),
             kv("GATEWAY_ADMIN_LISTEN", format!("127.0.0.1:{}", self.ports.gateway_admin)),
             kv("GATEWAY_KAFKA__BROKERS", self.tansu.brokers()),
+            kv("GATEWAY_DATABASE__URL", self.postgres.url()),
             kv("GATEWAY_AUTH__ISSUER", ISSUER.into()),
             kv("GATEWAY_AUTH__AUDIENCE", AUDIENCE.into()),
             kv("GATEWAY_AUTH__JWKS_FILE", self.dir.path().join("jwks.json").display().to_string()),

@@ -1,0 +1,92 @@
+//! Reading an order back (`GET /v1/orders/{id}`) from PostgreSQL, through a pool whose sessions are read-only:
+//! the gateway never writes orders, the workers do.
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("invalid database URL: {0}")]
+    Url(tokio_postgres::Error),
+    #[error("building the pool: {0}")]
+    Build(#[from] deadpool_postgres::BuildError),
+    #[error("database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// A pool of read-only sessions to `url`.
+pub fn pool(url: &str, size: usize) -> Result<Pool, ReadError> {
+    let mut pg: tokio_postgres::Config = url.parse().map_err(ReadError::Url)?;
+    pg.options("-c default_transaction_read_only=on -c statement_timeout=5000");
+    let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Ok(Pool::builder(manager).max_size(size).build()?)
+}
+
+#[derive(Debug, Serialize)]
+pub struct Item {
+    pub sku: String,
+    pub qty: i32,
+    pub unit_price_cents: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Change {
+    pub status: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// An order as `GET /v1/orders/{id}` shows it.
+#[derive(Debug, Serialize)]
+pub struct OrderView {
+    pub id: Uuid,
+    pub customer_id: String,
+    pub currency: String,
+    pub total_cents: i64,
+    pub status: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+    pub items: Vec<Item>,
+    pub history: Vec<Change>,
+}
+
+/// The order `id`, or `None` when there is none.
+pub async fn order(pool: &Pool, id: Uuid) -> Result<Option<OrderView>, ReadError> {
+    let client = pool.get().await?;
+    let Some(row) = client
+        .query_opt(
+            "SELECT customer_id, trim(currency), total_cents, status, received_at FROM orders WHERE id = $1",
+            &[&id],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let items = client
+        .query("SELECT sku, qty, unit_price_cents FROM order_items WHERE order_id = $1 ORDER BY line", &[&id])
+        .await?
+        .iter()
+        .map(|r| Item { sku: r.get(0), qty: r.get(1), unit_price_cents: r.get(2) })
+        .collect();
+    let history = client
+        .query("SELECT status, at FROM order_status_history WHERE order_id = $1 ORDER BY at, id", &[&id])
+        .await?
+        .iter()
+        .map(|r| Change { status: r.get(0), at: r.get(1) })
+        .collect();
+    Ok(Some(OrderView {
+        id,
+        customer_id: row.get(0),
+        currency: row.get(1),
+        total_cents: row.get(2),
+        status: row.get(3),
+        received_at: row.get(4),
+        items,
+        history,
+    }))
+}
