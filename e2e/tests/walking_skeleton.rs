@@ -132,6 +132,18 @@ async fn bad_credentials_and_bodies_are_refused_with_problem_json() -> anyhow::R
     let problem: Value = resp.json().await?;
     assert!(problem["type"].as_str().is_some_and(|t| t.ends_with("/malformed-body")), "{problem}");
 
+    // Well-formed JSON that breaks the schema: every error located by a JSON pointer.
+    let mut bad = order_body("cust-1");
+    bad["currency"] = json!("euro");
+    bad["items"][0]["sku"] = json!("");
+    let resp = post_async(&stack, Some(&token), &bad.to_string()).await?;
+    assert_eq!(resp.status(), 400);
+    let problem: Value = resp.json().await?;
+    assert!(problem["type"].as_str().is_some_and(|t| t.ends_with("/invalid-order")), "{problem}");
+    let pointers: Vec<&str> =
+        problem["errors"].as_array().into_iter().flatten().filter_map(|e| e["pointer"].as_str()).collect();
+    assert_eq!(pointers, ["/items/0/sku", "/currency"], "{problem}");
+
     let resp = stack
         .https_client()?
         .post(format!("{}/v1/orders/async", stack.edge_url()))

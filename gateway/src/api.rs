@@ -181,12 +181,21 @@ impl Api {
                 )));
             }
         };
-        serde_json::from_slice::<OrderRequest>(&body).map_err(|e| {
+        let order = serde_json::from_slice::<OrderRequest>(&body).map_err(|e| {
             Box::new(problem_response(
                 &Problem::new("malformed-body", 400, "Bad Request")
                     .with_detail(format!("the body is not a valid order: {e}")),
             ))
-        })
+        })?;
+        let violations = order.violations();
+        if !violations.is_empty() {
+            return Err(Box::new(problem_response(
+                &Problem::new("invalid-order", 400, "Bad Request")
+                    .with_detail("the order breaks the schema; see errors")
+                    .with("errors", serde_json::json!(violations)),
+            )));
+        }
+        Ok(order)
     }
 }
 

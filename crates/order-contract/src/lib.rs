@@ -48,6 +48,46 @@ pub struct OrderRequest {
     pub items: Vec<OrderItem>,
 }
 
+/// Longest accepted text field (customer id, sku).
+pub const MAX_TEXT: usize = 128;
+/// Most lines in one order.
+pub const MAX_ITEMS: usize = 1000;
+
+/// One way a request breaks the schema, located by a JSON pointer (RFC 6901).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    pub pointer: String,
+    pub detail: String,
+}
+
+impl OrderRequest {
+    /// Shape rules every order must meet to be stored (the business rules are the validate job's): text fields
+    /// non-empty and at most [`MAX_TEXT`] characters, `currency` three upper-case letters (ISO 4217's form),
+    /// between 1 and [`MAX_ITEMS`] lines. Empty when the request is well-formed.
+    pub fn violations(&self) -> Vec<Violation> {
+        let mut v = Vec::new();
+        let mut text = |pointer: String, value: &str| {
+            if value.trim().is_empty() || value.chars().count() > MAX_TEXT {
+                v.push(Violation { pointer, detail: format!("expected 1 to {MAX_TEXT} characters") });
+            }
+        };
+        text("/customer_id".into(), &self.customer_id);
+        for (i, item) in self.items.iter().enumerate() {
+            text(format!("/items/{i}/sku"), &item.sku);
+        }
+        if !(self.currency.len() == 3 && self.currency.bytes().all(|b| b.is_ascii_uppercase())) {
+            v.push(Violation {
+                pointer: "/currency".into(),
+                detail: "expected three upper-case letters, e.g. EUR".into(),
+            });
+        }
+        if self.items.is_empty() || self.items.len() > MAX_ITEMS {
+            v.push(Violation { pointer: "/items".into(), detail: format!("expected 1 to {MAX_ITEMS} items") });
+        }
+        v
+    }
+}
+
 /// The command published to `orders.commands`, keyed by `order_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderCommand {
@@ -142,6 +182,19 @@ mod tests {
         let mut o = sample();
         o.items[0].unit_price_cents = i64::MAX;
         assert_eq!(OrderCommand::new(o).total_cents(), None);
+    }
+
+    #[test]
+    fn violations_are_located_by_json_pointer() {
+        assert!(sample().violations().is_empty());
+        let mut o = sample();
+        o.currency = "euro".into();
+        o.customer_id = " ".into();
+        o.items[1].sku = "x".repeat(MAX_TEXT + 1);
+        let pointers: Vec<String> = o.violations().into_iter().map(|v| v.pointer).collect();
+        assert_eq!(pointers, ["/customer_id", "/items/1/sku", "/currency"]);
+        o.items.clear();
+        assert!(o.violations().iter().any(|v| v.pointer == "/items"));
     }
 
     #[test]
