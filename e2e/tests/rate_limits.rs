@@ -109,18 +109,11 @@ async fn nodelay_delay_n_second_burst_and_dry_run() -> anyhow::Result<()> {
     assert!(seen.iter().all(|s| s.status != 429 && s.at <= Duration::from_millis(150)), "{seen:?}");
     let metrics = reqwest::get(stack.admin_url(stack.ports.edge_admin, "/metrics")).await?.text().await?;
     let count = |outcome: &str| {
-        metrics
-            .lines()
-            .find(|l| {
-                l.starts_with("edge_ratelimit_decisions_total")
-                    && l.contains("zone=\"observe\"")
-                    && l.contains(&format!("outcome=\"{outcome}\""))
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
+        let label = format!("outcome=\"{outcome}\"");
+        testkit::metric(&metrics, "edge_ratelimit_decisions_total", &["zone=\"observe\"", &label])
     };
-    assert_eq!(count("dry_run_rejected"), 3, "{metrics}");
-    assert_eq!(count("dry_run_delayed"), 1, "{metrics}");
+    assert_eq!(count("dry_run_rejected"), 3.0, "{metrics}");
+    assert_eq!(count("dry_run_delayed"), 1.0, "{metrics}");
     Ok(())
 }
 
@@ -139,9 +132,7 @@ async fn a_valid_policy_change_applies_and_an_invalid_one_is_refused() -> anyhow
         let url = metrics_url.clone();
         async move {
             let m = reqwest::get(url).await.ok()?.text().await.ok()?;
-            m.lines()
-                .any(|l| l.starts_with("edge_ratelimit_policy_reloads_total") && l.contains("result=\"failed\""))
-                .then_some(())
+            (testkit::metric(&m, "edge_ratelimit_policy_reloads_total", &["result=\"failed\""]) > 0.0).then_some(())
         }
     })
     .await?;
@@ -272,11 +263,7 @@ async fn requests_waiting_in_a_bucket_survive_reloads() -> anyhow::Result<()> {
     assert!(seen.iter().all(|s| s.status != 429), "every admitted request is served: {seen:?}");
     assert!(seen.last().is_some_and(|s| s.at >= Duration::from_millis(2600)), "they really waited: {seen:?}");
     let metrics = reqwest::get(stack.admin_url(stack.ports.edge_admin, "/metrics")).await?.text().await?;
-    let reloads = metrics
-        .lines()
-        .find(|l| l.starts_with("edge_ratelimit_policy_reloads_total") && l.contains("result=\"ok\""))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    assert!(reloads >= 1, "{metrics}");
+    let reloads = testkit::metric(&metrics, "edge_ratelimit_policy_reloads_total", &["result=\"ok\""]);
+    assert!(reloads >= 1.0, "{metrics}");
     Ok(())
 }

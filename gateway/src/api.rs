@@ -100,12 +100,7 @@ impl Api {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "publishing an order failed");
-                let mut r = problem_response(
-                    &Problem::new("broker-unavailable", 503, "Service Unavailable")
-                        .with_detail("the order could not be stored; it was not accepted, retry later"),
-                );
-                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                r
+                unavailable("broker-unavailable", "the order could not be stored; it was not accepted, retry later")
             }
         }
     }
@@ -137,12 +132,7 @@ impl Api {
             ),
             Err(e) => {
                 tracing::warn!(error = %e, "reading an order failed");
-                let mut r = problem_response(
-                    &Problem::new("database-unavailable", 503, "Service Unavailable")
-                        .with_detail("orders cannot be read now"),
-                );
-                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                r
+                unavailable("database-unavailable", "orders cannot be read now")
             }
         }
     }
@@ -219,6 +209,13 @@ fn auth_failure(e: &AuthError) -> Response<Body> {
             r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
     }
+    r
+}
+
+/// `503` with `Retry-After: 1`: a dependency is down, the client may retry.
+fn unavailable(slug: &str, detail: &str) -> Response<Body> {
+    let mut r = problem_response(&Problem::new(slug, 503, "Service Unavailable").with_detail(detail));
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     r
 }
 

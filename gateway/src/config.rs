@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use service_core::db::DatabaseConfig;
 use service_core::logging::LogConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -21,21 +22,8 @@ pub struct Config {
     pub log: LogConfig,
     pub auth: AuthConfig,
     pub kafka: KafkaConfig,
+    /// The read side: `GET /v1/orders/{id}` (sessions are read-only).
     pub database: DatabaseConfig,
-}
-
-/// The read side: `GET /v1/orders/{id}` (sessions are read-only).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DatabaseConfig {
-    pub url: String,
-    pub pool_size: usize,
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        Self { url: "postgres://orders@127.0.0.1:55432/orders".into(), pool_size: 4 }
-    }
 }
 
 impl Default for Config {

@@ -73,7 +73,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_description("Duration of HTTP requests handled by the gateway")
         .with_boundaries(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
         .build();
-    let orders_db = read::pool(&config.database.url, config.database.pool_size)?;
+    let orders_db = service_core::db::pool(&config.database, service_core::db::Access::ReadOnly)?;
     let api = Arc::new(api::Api {
         verifier,
         publisher: publisher.clone(),

@@ -1,30 +1,17 @@
 //! Reading an order back (`GET /v1/orders/{id}`) from PostgreSQL, through a pool whose sessions are read-only:
 //! the gateway never writes orders, the workers do.
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::Pool;
 use serde::Serialize;
 use time::OffsetDateTime;
-use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("invalid database URL: {0}")]
-    Url(tokio_postgres::Error),
-    #[error("building the pool: {0}")]
-    Build(#[from] deadpool_postgres::BuildError),
     #[error("database unavailable: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("query failed: {0}")]
     Query(#[from] tokio_postgres::Error),
-}
-
-/// A pool of read-only sessions to `url`.
-pub fn pool(url: &str, size: usize) -> Result<Pool, ReadError> {
-    let mut pg: tokio_postgres::Config = url.parse().map_err(ReadError::Url)?;
-    pg.options("-c default_transaction_read_only=on -c statement_timeout=5000");
-    let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-    Ok(Pool::builder(manager).max_size(size).build()?)
 }
 
 #[derive(Debug, Serialize)]

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
+use service_core::db::DatabaseConfig;
 use service_core::logging::LogConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,19 +28,6 @@ impl Default for Config {
             kafka: KafkaConfig::default(),
             migrate_on_start: true,
         }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DatabaseConfig {
-    pub url: String,
-    pub pool_size: usize,
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        Self { url: "postgres://orders@127.0.0.1:55432/orders".into(), pool_size: 4 }
     }
 }
 

@@ -37,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config: Config = service_core::config::load(cli.config.as_deref(), "WORKERS_")?;
     service_core::logging::init(&config.log);
-    let pool = db::pool(&config.database.url, config.database.pool_size)?;
+    let pool = service_core::db::pool(&config.database, service_core::db::Access::ReadWrite)?;
     match cli.cmd.unwrap_or(Cmd::Run) {
         Cmd::Migrate => {
             let n = db::migrate::run(&pool).await.context("migrating the database")?;

@@ -7,10 +7,13 @@
 //! - [`metrics`]: an OpenTelemetry meter provider exported in Prometheus text format;
 //! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/metrics`), separate from the traffic port;
 //! - [`shutdown`]: SIGTERM and SIGINT turned into one cancellation token;
-//! - [`problem`]: RFC 9457 problem details, the error body of every HTTP answer we produce.
+//! - [`problem`]: RFC 9457 problem details, the error body of every HTTP answer we produce;
+//! - `db` (feature `postgres`): database settings and connection pools.
 
 pub mod admin;
 pub mod config;
+#[cfg(feature = "postgres")]
+pub mod db;
 pub mod logging;
 pub mod metrics;
 pub mod problem;

@@ -28,6 +28,16 @@ pub fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
+/// The value of the sample of metric `name` whose labels include every `label="value"` in `labels`, from
+/// Prometheus text; 0 when there is none.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Waits until something listens on loopback `port`.
 pub async fn wait_listening(port: u16, timeout: Duration, what: &str) -> anyhow::Result<()> {
     eventually(
