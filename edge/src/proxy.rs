@@ -60,6 +60,13 @@ impl ProxyHttp for EdgeProxy {
         upstream: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        strip_hop_by_hop(upstream);
+        // HTTP/2 clients send :authority instead of Host; either names the host the client asked for.
+        let host =
+            header(upstream, "host").map(str::to_owned).or_else(|| upstream.uri.authority().map(|a| a.to_string()));
+        if let Some(host) = host {
+            upstream.insert_header("x-forwarded-host", host)?;
+        }
         let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string());
         let chain = forwarded_chain(&upstream.headers);
         let forwarded_for = forwarded_for(chain.as_deref(), client_ip.as_deref());
@@ -149,6 +156,26 @@ fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// Headers that describe one connection, not the message (RFC 9110 section 7.6.1): never forwarded, and neither
+/// are the headers a `Connection` header names. Pingora sets the upstream connection's own framing.
+const HOP_BY_HOP: &[&str] =
+    &["connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer", "upgrade"];
+
+fn strip_hop_by_hop(req: &mut RequestHeader) {
+    let named: Vec<String> = req
+        .headers
+        .get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    for name in HOP_BY_HOP.iter().copied().chain(named.iter().map(String::as_str)) {
+        req.remove_header(name);
+    }
+}
+
 /// Every `X-Forwarded-For` line of a request, in order, as one comma-separated chain (a proxy may add a line of
 /// its own instead of appending to the client's). Bytes that are not UTF-8 are replaced, not fatal: the parser
 /// then refuses that hop only.
@@ -202,6 +229,24 @@ mod tests {
         assert_eq!(forwarded_for(None, Some("1.2.3.4")).as_deref(), Some("1.2.3.4"));
         assert_eq!(forwarded_for(Some("9.9.9.9"), Some("1.2.3.4")).as_deref(), Some("9.9.9.9, 1.2.3.4"));
         assert_eq!(forwarded_for(Some("  "), Some("1.2.3.4")).as_deref(), Some("1.2.3.4"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_by_connection_are_dropped() {
+        let mut req = RequestHeader::build("GET", b"/", None).expect("request");
+        for (k, v) in [
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("accept", "*/*"),
+        ] {
+            req.append_header(k, v).expect("header");
+        }
+        strip_hop_by_hop(&mut req);
+        let left: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept"]);
     }
 
     #[test]
