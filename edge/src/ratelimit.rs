@@ -66,7 +66,12 @@ pub async fn apply(
         };
         let retry_secs = retry_ms.div_ceil(1000).max(1);
         tracing::info!(zone = %spec.name, client = %verdict.client_ip, request_id, retry_secs, "rate limited");
-        let problem = Problem::new("rate-limited", spec.status, "Too Many Requests")
+        // The zone's status may be nginx's 503 instead of 429: the title follows it.
+        let title = http::StatusCode::from_u16(spec.status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("Too Many Requests");
+        let problem = Problem::new("rate-limited", spec.status, title)
             .with_detail(format!("zone {} allows {} with a burst of {}", spec.name, spec.rate_text, spec.burst))
             .with("zone", serde_json::json!(spec.name));
         let mut headers = applied.headers.clone();
