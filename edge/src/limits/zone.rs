@@ -91,11 +91,15 @@ impl Zone {
     }
 
     fn store(&self, shard: &mut HashMap<Key, Bucket, RandomState>, key: Key, now: u64, excess: u64) {
-        let updated = algorithm::charge(shard.get(&key), now, excess);
-        if !shard.contains_key(&key) && shard.len() >= self.per_shard {
+        // A known key is updated in place: one lookup on the common path.
+        if let Some(bucket) = shard.get_mut(&key) {
+            *bucket = algorithm::charge(Some(bucket), now, excess);
+            return;
+        }
+        if shard.len() >= self.per_shard {
             self.make_room(shard, now);
         }
-        shard.insert(key, updated);
+        shard.insert(key, algorithm::charge(None, now, excess));
     }
 
     /// Frees room in a full shard: drained keys first, then the longest idle ones in a batch.
