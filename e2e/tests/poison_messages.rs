@@ -1,81 +1,94 @@
-//! A message the workers cannot decode goes to the dead-letter topic with why and where it came from, and the
-//! job goes on with the next message instead of crashing or stalling.
+//! Messages no retry can fix go to the dead-letter topic with why and where they came from and their original
+//! headers, and each job goes on with the next message instead of crashing or stalling: undecodable commands
+//! (validate), undecodable verdicts and a verdict that breaks a database constraint (persist).
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use order_contract::{OrderCommand, OrderValidated, Verdict, headers, topics};
+use testkit::kafka::{Publisher, header, read_topic, valid_order};
 use testkit::{Stack, StackOptions, eventually};
+use time::OffsetDateTime;
+
+const CMD: &[(&str, &str)] = &[(headers::EVENT_TYPE, order_contract::ORDER_CREATE), ("x-origin", "poison-test")];
+const VALIDATED: &[(&str, &str)] = &[
+    (headers::EVENT_TYPE, order_contract::ORDER_VALIDATED),
+    (headers::SCHEMA_VERSION, "1"),
+    ("x-origin", "poison-test"),
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_undecodable_command_is_dead_lettered_and_the_job_goes_on() -> anyhow::Result<()> {
+async fn poison_messages_are_dead_lettered_and_the_jobs_go_on() -> anyhow::Result<()> {
     let stack = Stack::start(StackOptions { edge: false, gateway: false, ..StackOptions::default() }).await?;
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", stack.tansu.brokers()).create()?;
-    let send = |key: &'static str, payload: Vec<u8>, version: &'static str| {
-        let producer = producer.clone();
-        async move {
-            let headers = OwnedHeaders::new()
-                .insert(Header { key: "event-type", value: Some("order.create") })
-                .insert(Header { key: "schema-version", value: Some(version) });
-            producer
-                .send(
-                    FutureRecord::to("orders.commands").key(key).payload(&payload).headers(headers),
-                    Duration::from_secs(10),
-                )
-                .await
-                .map_err(|(e, _)| e)
-        }
-    };
-    send("poison-1", b"{not json".to_vec(), "1").await?;
-    send("poison-2", b"{}".to_vec(), "99").await?;
-    let good = order_contract::OrderCommand::new(order_contract::OrderRequest {
-        customer_id: "after-poison".into(),
-        currency: "EUR".into(),
-        items: vec![order_contract::OrderItem { sku: "X".into(), qty: 1, unit_price_cents: 5 }],
-    });
-    // Same partition key as the first poison message, so it is queued behind it.
-    send("poison-1", serde_json::to_vec(&good)?, "1").await?;
-
+    let kafka = Publisher::new(&stack.tansu.brokers())?;
     let db = stack.postgres.client().await?;
-    eventually(Duration::from_secs(15), "the good order after the poison", || {
+    let count = || {
         let db = &db;
-        async move {
-            let n: i64 = db.query_one("SELECT count(*) FROM orders", &[]).await.ok()?.get(0);
-            (n == 1).then_some(())
-        }
+        async move { db.query_one("SELECT count(*) FROM orders", &[]).await.ok().map(|r| r.get::<_, i64>(0)) }
+    };
+
+    // validate: bad JSON and an unknown schema version, then a good command queued behind them (same key).
+    let v1 = [CMD, &[(headers::SCHEMA_VERSION, "1")]].concat();
+    let v99 = [CMD, &[(headers::SCHEMA_VERSION, "99")]].concat();
+    kafka.send_raw(topics::COMMANDS, "k-1", b"{not json", &v1).await?;
+    kafka.send_raw(topics::COMMANDS, "k-2", b"{}", &v99).await?;
+    let good = OrderCommand::new(valid_order("after-poison", 1));
+    kafka.send_raw(topics::COMMANDS, "k-1", &serde_json::to_vec(&good)?, &v1).await?;
+    eventually(Duration::from_secs(20), "the good order behind the poison", || async {
+        (count().await? == 1).then_some(())
     })
     .await?;
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", stack.tansu.brokers())
-        .set("group.id", "dlq-reader")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10")
-        .create()?;
-    consumer.subscribe(&["orders.dlq"])?;
-    let mut seen = Vec::new();
-    while seen.len() < 2 {
-        let msg = tokio::time::timeout(Duration::from_secs(20), consumer.recv()).await??;
-        let header = |k: &str| {
-            msg.headers()
-                .and_then(|h| h.iter().find(|h| h.key == k))
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-        };
-        assert_eq!(header("dlq-origin-topic").as_deref(), Some("orders.commands"));
-        assert_eq!(header("dlq-job").as_deref(), Some("persist"));
-        assert!(header("dlq-origin-offset").is_some());
-        seen.push((
-            String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
-            header("dlq-error").unwrap_or_default(),
-        ));
-    }
+    // persist: an undecodable verdict, and a verdict for an order id that exists already under another event
+    // id (a unique-key violation no retry can fix), then a good verdict behind them on the same key.
+    kafka.send_raw(topics::VALIDATED, "k-3", b"[]", VALIDATED).await?;
+    let mut clash =
+        OrderValidated::new(OrderCommand::new(valid_order("clash", 2)), Verdict::Accepted, OffsetDateTime::now_utc());
+    clash.order_id = good.order_id;
+    kafka.send_raw(topics::VALIDATED, "k-3", &serde_json::to_vec(&clash)?, VALIDATED).await?;
+    let after = OrderValidated::new(
+        OrderCommand::new(valid_order("after-clash", 3)),
+        Verdict::Accepted,
+        OffsetDateTime::now_utc(),
+    );
+    kafka.send_raw(topics::VALIDATED, "k-3", &serde_json::to_vec(&after)?, VALIDATED).await?;
+    eventually(Duration::from_secs(20), "the good verdict behind the poison", || async {
+        (count().await? == 2).then_some(())
+    })
+    .await?;
+    let customer: String =
+        db.query_one("SELECT customer_id FROM orders WHERE id = $1", &[&good.order_id]).await?.get(0);
+    assert_eq!(customer, "after-poison", "the clashing verdict changed nothing");
+
+    let dead = read_topic(&stack.tansu.brokers(), topics::DLQ, 4, Duration::from_secs(20)).await?;
+    let mut seen: Vec<(String, String, String, String)> = dead
+        .iter()
+        .map(|m| {
+            assert_eq!(header(m, "x-origin").as_deref(), Some("poison-test"), "original headers are kept");
+            assert!(header(m, "dlq-origin-offset").is_some_and(|o| o.parse::<i64>().is_ok()));
+            assert!(header(m, "dlq-origin-partition").is_some());
+            (
+                header(m, "dlq-job").unwrap_or_default(),
+                header(m, "dlq-origin-topic").unwrap_or_default(),
+                String::from_utf8_lossy(rdkafka::Message::key(m).unwrap_or_default()).into_owned(),
+                header(m, "dlq-error").unwrap_or_default(),
+            )
+        })
+        .collect();
     seen.sort();
-    assert_eq!(seen[0].0, "poison-1");
-    assert!(seen[0].1.contains("malformed payload"), "{seen:?}");
-    assert_eq!(seen[1].0, "poison-2");
-    assert!(seen[1].1.contains("schema version"), "{seen:?}");
+    let jobs: Vec<(&str, &str, &str)> = seen.iter().map(|(j, t, k, _)| (j.as_str(), t.as_str(), k.as_str())).collect();
+    assert_eq!(
+        jobs,
+        [
+            ("persist", topics::VALIDATED, "k-3"),
+            ("persist", topics::VALIDATED, "k-3"),
+            ("validate", topics::COMMANDS, "k-1"),
+            ("validate", topics::COMMANDS, "k-2"),
+        ],
+        "{seen:?}"
+    );
+    let errors: Vec<&str> = seen.iter().map(|s| s.3.as_str()).collect();
+    assert!(errors.iter().any(|e| e.contains("malformed payload")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("schema version")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("orders_pkey")), "the constraint is named: {errors:?}");
     Ok(())
 }

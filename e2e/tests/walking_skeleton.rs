@@ -59,7 +59,7 @@ async fn an_accepted_order_reaches_postgres() -> anyhow::Result<()> {
     assert_eq!(row.get::<_, String>(0), "cust-42");
     assert_eq!(row.get::<_, String>(1), "EUR");
     assert_eq!(row.get::<_, i64>(2), 2 * 1250 + 99);
-    assert_eq!(row.get::<_, String>(3), "received");
+    assert_eq!(row.get::<_, String>(3), "accepted");
     let items: i64 = db.query_one("SELECT count(*) FROM order_items WHERE order_id = $1", &[&order_id]).await?.get(0);
     assert_eq!(items, 2);
 
@@ -73,12 +73,13 @@ async fn an_accepted_order_reaches_postgres() -> anyhow::Result<()> {
     assert_eq!(resp.status(), 200);
     let order: Value = resp.json().await?;
     assert_eq!(order["id"], id.as_str());
-    assert_eq!(order["status"], "received");
+    assert_eq!(order["status"], "accepted");
     assert_eq!(order["currency"], "EUR");
     assert_eq!(order["total_cents"], 2 * 1250 + 99);
     assert_eq!(order["items"].as_array().map(Vec::len), Some(2));
     assert_eq!(order["items"][0]["sku"], "SKU-1");
     assert_eq!(order["history"][0]["status"], "received");
+    assert_eq!(order["history"][1]["status"], "accepted");
 
     let unknown = get(format!("/v1/orders/{}", uuid::Uuid::now_v7()), token.clone()).await?;
     assert_eq!(unknown.status(), 404);

@@ -80,6 +80,9 @@ pub struct KafkaConfig {
     /// How long a publish may wait for the broker's acknowledgement before the request fails with 503.
     pub delivery_timeout_ms: u64,
     pub client_id: String,
+    /// Extra librdkafka properties for the producer (e.g. `security.protocol`); `_` in a key stands for `.`.
+    #[serde(deserialize_with = "service_core::config::scalar_map")]
+    pub properties: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for KafkaConfig {
@@ -89,6 +92,7 @@ impl Default for KafkaConfig {
             commands_topic: order_contract::topics::COMMANDS.into(),
             delivery_timeout_ms: 10_000,
             client_id: "gateway".into(),
+            properties: Default::default(),
         }
     }
 }

@@ -26,6 +26,9 @@ pub struct Change {
     pub status: String,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+    /// For a rejection: the rules the order broke.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
 }
 
 /// An order as `GET /v1/orders/{id}` shows it.
@@ -34,7 +37,8 @@ pub struct OrderView {
     pub id: Uuid,
     pub customer_id: String,
     pub currency: String,
-    pub total_cents: i64,
+    /// `None` only for an order rejected because its total overflowed.
+    pub total_cents: Option<i64>,
     pub status: String,
     #[serde(with = "time::serde::rfc3339")]
     pub received_at: OffsetDateTime,
@@ -61,10 +65,10 @@ pub async fn order(pool: &Pool, id: Uuid) -> Result<Option<OrderView>, ReadError
         .map(|r| Item { sku: r.get(0), qty: r.get(1), unit_price_cents: r.get(2) })
         .collect();
     let history = client
-        .query("SELECT status, at FROM order_status_history WHERE order_id = $1 ORDER BY at, id", &[&id])
+        .query("SELECT status, at, detail FROM order_status_history WHERE order_id = $1 ORDER BY at, id", &[&id])
         .await?
         .iter()
-        .map(|r| Change { status: r.get(0), at: r.get(1) })
+        .map(|r| Change { status: r.get(0), at: r.get(1), detail: r.get(2) })
         .collect();
     Ok(Some(OrderView {
         id,

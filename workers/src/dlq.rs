@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
+use crate::config::KafkaConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 #[derive(Clone)]
@@ -15,17 +15,18 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    pub fn new(brokers: &str, topic: &str) -> Result<Self, KafkaError> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+    pub fn new(kafka: &KafkaConfig, topic: &str) -> Result<Self, KafkaError> {
+        let producer = kafka
+            .client()
             .set("enable.idempotence", "true")
             .set("acks", "all")
+            .set("message.timeout.ms", "30000")
             .create()?;
         Ok(Self { producer, topic: topic.to_owned() })
     }
 
     /// Publishes `msg` to the DLQ with `error` and its origin in headers; returns once the broker confirmed.
-    pub async fn send(&self, job: &str, msg: &BorrowedMessage<'_>, error: &str) -> Result<(), KafkaError> {
+    pub async fn send(&self, job: &str, msg: &impl Message, error: &str) -> Result<(), KafkaError> {
         let mut headers = OwnedHeaders::new();
         if let Some(h) = msg.headers() {
             for h in h.iter() {

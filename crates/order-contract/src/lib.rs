@@ -22,10 +22,15 @@ pub mod headers {
     pub const EVENT_TYPE: &str = "event-type";
     pub const SCHEMA_VERSION: &str = "schema-version";
     pub const CORRELATION_ID: &str = "correlation-id";
+    /// On a command: the topic where the waiting gateway expects the validation result (sync requests only).
+    pub const REPLY_TO: &str = "reply-to";
 }
 
 /// `event-type` of a command that asks for an order to be created.
 pub const ORDER_CREATE: &str = "order.create";
+
+/// `event-type` of the validate job's verdict on a command (on `orders.validated` and `orders.replies`).
+pub const ORDER_VALIDATED: &str = "order.validated";
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -114,6 +119,76 @@ impl OrderCommand {
     }
 }
 
+/// One business rule an order broke, as the validate job reports it (and `422` shows it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleFailure {
+    /// Stable rule name, e.g. `positive-quantity` (the README lists them).
+    pub rule: String,
+    /// JSON pointer into the order of the offending value (`""` for the whole order).
+    pub pointer: String,
+    pub detail: String,
+}
+
+/// The validate job's decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum Verdict {
+    Accepted,
+    Rejected { failures: Vec<RuleFailure> },
+}
+
+impl Verdict {
+    /// The order status this verdict leads to: `accepted` or `rejected`.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Verdict::Accepted => "accepted",
+            Verdict::Rejected { .. } => "rejected",
+        }
+    }
+}
+
+/// The event published to `orders.validated` (and, for a sync request, to `orders.replies`), keyed by order id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderValidated {
+    /// Derived from the command's event id ([`OrderValidated::event_id_for`]): validating the same command twice
+    /// (a redelivery after a crash) yields the same event, which the persist job then recognises as applied.
+    pub event_id: Uuid,
+    pub command_event_id: Uuid,
+    pub order_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub validated_at: OffsetDateTime,
+    /// `None` when the total overflows (the order is then rejected).
+    pub total_cents: Option<i64>,
+    pub order: OrderRequest,
+    pub verdict: Verdict,
+}
+
+impl OrderValidated {
+    /// Namespace of the derived event ids (UUID v5).
+    const NAMESPACE: Uuid = Uuid::from_u128(0x6f72_6465_7273_2e76_616c_6964_6174_6564);
+
+    /// The validated event id for the command with `command_event_id`: the same input always gives the same id.
+    pub fn event_id_for(command_event_id: Uuid) -> Uuid {
+        Uuid::new_v5(&Self::NAMESPACE, command_event_id.as_bytes())
+    }
+
+    /// The verdict `verdict` on `command`, validated at `validated_at`.
+    pub fn new(command: OrderCommand, verdict: Verdict, validated_at: OffsetDateTime) -> Self {
+        Self {
+            event_id: Self::event_id_for(command.event_id),
+            command_event_id: command.event_id,
+            order_id: command.order_id,
+            received_at: command.received_at,
+            validated_at,
+            total_cents: command.total_cents(),
+            order: command.order,
+            verdict,
+        }
+    }
+}
+
 /// Why a message could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -133,8 +208,26 @@ pub fn decode_command(
     schema_version: Option<&str>,
     payload: &[u8],
 ) -> Result<OrderCommand, DecodeError> {
+    decode(ORDER_CREATE, event_type, schema_version, payload)
+}
+
+/// Decodes an `order.validated` event from its headers and payload.
+pub fn decode_validated(
+    event_type: Option<&str>,
+    schema_version: Option<&str>,
+    payload: &[u8],
+) -> Result<OrderValidated, DecodeError> {
+    decode(ORDER_VALIDATED, event_type, schema_version, payload)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    expected: &str,
+    event_type: Option<&str>,
+    schema_version: Option<&str>,
+    payload: &[u8],
+) -> Result<T, DecodeError> {
     let event_type = event_type.ok_or(DecodeError::MissingHeader(headers::EVENT_TYPE))?;
-    if event_type != ORDER_CREATE {
+    if event_type != expected {
         return Err(DecodeError::EventType(event_type.to_owned()));
     }
     let version = schema_version.ok_or(DecodeError::MissingHeader(headers::SCHEMA_VERSION))?;
@@ -175,6 +268,27 @@ mod tests {
         assert!(matches!(decode_command(Some("other"), Some("1"), &bytes), Err(DecodeError::EventType(_))));
         assert!(matches!(decode_command(None, Some("1"), &bytes), Err(DecodeError::MissingHeader(_))));
         assert!(matches!(decode_command(Some(ORDER_CREATE), Some("1"), b"{"), Err(DecodeError::Payload(_))));
+    }
+
+    #[test]
+    fn validated_events_have_ids_derived_from_the_command() {
+        let cmd = OrderCommand::new(sample());
+        let now = OffsetDateTime::now_utc();
+        let a = OrderValidated::new(cmd.clone(), Verdict::Accepted, now);
+        let b = OrderValidated::new(cmd.clone(), Verdict::Accepted, now + time::Duration::seconds(5));
+        assert_eq!(a.event_id, b.event_id, "a redelivered command gives the same event");
+        assert_ne!(a.event_id, cmd.event_id);
+        assert_ne!(a.event_id, OrderValidated::new(OrderCommand::new(sample()), Verdict::Accepted, now).event_id);
+        let rejected = Verdict::Rejected {
+            failures: vec![RuleFailure { rule: "r".into(), pointer: "/items/0/qty".into(), detail: "d".into() }],
+        };
+        let ev = OrderValidated::new(cmd, rejected, now);
+        let json = serde_json::to_value(&ev).expect("encode");
+        assert_eq!(json["verdict"]["status"], "rejected");
+        assert_eq!(json["verdict"]["failures"][0]["pointer"], "/items/0/qty");
+        let back = decode_validated(Some(ORDER_VALIDATED), Some("1"), &serde_json::to_vec(&ev).expect("encode"));
+        assert_eq!(back.expect("decode"), ev);
+        assert!(matches!(decode_validated(Some(ORDER_CREATE), Some("1"), b"{}"), Err(DecodeError::EventType(_))));
     }
 
     #[test]

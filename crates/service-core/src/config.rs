@@ -22,6 +22,41 @@ pub enum ConfigError {
 }
 
 /// Loads a service's configuration: defaults, then `file` (must exist when given), then `{prefix}*` variables.
+/// A librdkafka property name from a configuration key: `_` stands for `.` (librdkafka names have no `_`), so that
+/// `SERVICE_KAFKA__PROPERTIES__BATCH_NUM_MESSAGES=1` sets `batch.num.messages` from the environment.
+pub fn kafka_property_name(key: &str) -> String {
+    key.replace('_', ".")
+}
+
+/// Deserializes a map of librdkafka properties whose values may be any scalar: environment variables are
+/// parsed into numbers and booleans (`..._BATCH_NUM_MESSAGES=1`), librdkafka wants text.
+pub fn scalar_map<'de, D>(d: D) -> Result<std::collections::BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Int(i64),
+        Float(f64),
+        Bool(bool),
+    }
+    let raw: std::collections::BTreeMap<String, Scalar> = serde::Deserialize::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Scalar::Text(s) => s,
+                Scalar::Int(i) => i.to_string(),
+                Scalar::Float(f) => f.to_string(),
+                Scalar::Bool(b) => b.to_string(),
+            };
+            (k, v)
+        })
+        .collect())
+}
+
 pub fn load<T>(file: Option<&Path>, env_prefix: &str) -> Result<T, ConfigError>
 where
     T: Serialize + DeserializeOwned + Default,
@@ -82,6 +117,35 @@ mod tests {
             assert_eq!(c.listen, "127.0.0.1:2");
             assert_eq!(c.inner.retries, 7);
             assert_eq!(c.inner.brokers, "env:1");
+            Ok(())
+        });
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(default)]
+    struct WithProps {
+        #[serde(deserialize_with = "scalar_map")]
+        properties: std::collections::BTreeMap<String, String>,
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail dictates the closure's error type
+    fn kafka_properties_from_the_environment_are_text_with_dotted_names() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PROPTEST_PROPERTIES__BATCH_NUM_MESSAGES", "1");
+            jail.set_env("PROPTEST_PROPERTIES__ENABLE_SSL_CERTIFICATE_VERIFICATION", "false");
+            jail.set_env("PROPTEST_PROPERTIES__SECURITY_PROTOCOL", "SASL_SSL");
+            let c: WithProps = load(None, "PROPTEST_").map_err(|e| e.to_string())?;
+            let named: Vec<(String, &str)> =
+                c.properties.iter().map(|(k, v)| (kafka_property_name(k), v.as_str())).collect();
+            assert_eq!(
+                named,
+                [
+                    ("batch.num.messages".to_owned(), "1"),
+                    ("enable.ssl.certificate.verification".to_owned(), "false"),
+                    ("security.protocol".to_owned(), "SASL_SSL"),
+                ]
+            );
             Ok(())
         });
     }

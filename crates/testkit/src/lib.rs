@@ -6,6 +6,7 @@
 
 pub mod burst;
 pub mod echo;
+pub mod kafka;
 mod nginx;
 mod postgres;
 mod process;

@@ -11,6 +11,7 @@ pub struct Postgres {
     dir: TempDir,
     bin: PathBuf,
     pub port: u16,
+    opts: String,
 }
 
 impl Postgres {
@@ -22,21 +23,35 @@ impl Postgres {
             chown_to_postgres(dir.path())?;
         }
         let port = crate::free_port();
-        let pg = Self { dir, bin, port };
-        let data = pg.data_dir();
-        pg.run("initdb", &["-D", &data, "-U", "orders", "--auth=trust", "-E", "UTF8", "--no-sync"])?;
         let opts = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off",
-            pg.dir.path().display()
+            dir.path().display()
         );
-        let log = pg.dir.path().join("postgres.log").display().to_string();
-        pg.run("pg_ctl", &["-D", &data, "-l", &log, "-w", "-t", "60", "-o", &opts, "start"])?;
+        let pg = Self { dir, bin, port, opts };
+        let data = pg.data_dir();
+        pg.run("initdb", &["-D", &data, "-U", "orders", "--auth=trust", "-E", "UTF8", "--no-sync"])?;
+        pg.start_server()?;
         let (client, conn) = tokio_postgres::connect(&pg.url_for("postgres"), tokio_postgres::NoTls).await?;
         let task = tokio::spawn(conn);
         client.batch_execute("CREATE DATABASE orders").await?;
         drop(client);
         let _ = task.await;
         Ok(pg)
+    }
+
+    fn start_server(&self) -> anyhow::Result<()> {
+        let log = self.dir.path().join("postgres.log").display().to_string();
+        self.run("pg_ctl", &["-D", &self.data_dir(), "-l", &log, "-w", "-t", "60", "-o", &self.opts, "start"])
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`: sessions are disconnected), as an outage would.
+    pub fn stop(&self) -> anyhow::Result<()> {
+        self.run("pg_ctl", &["-D", &self.data_dir(), "-m", "fast", "-w", "stop"])
+    }
+
+    /// Starts the server again after [`Postgres::stop`], on the same port with the same data.
+    pub fn start_again(&self) -> anyhow::Result<()> {
+        self.start_server()
     }
 
     /// `postgres://orders@127.0.0.1:{port}/orders`

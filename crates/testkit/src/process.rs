@@ -118,8 +118,10 @@ impl Drop for Service {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if std::thread::panicking() {
-            eprintln!("----- {} log (last 60 lines) -----\n{}", self.name, self.log_tail(60));
+        // A test that returns `Err` does not panic: `TESTKIT_LOGS=1` shows the logs in that case too.
+        if std::thread::panicking() || std::env::var_os("TESTKIT_LOGS").is_some() {
+            let n = std::env::var("TESTKIT_LOGS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+            eprintln!("----- {} log (last {n} lines) -----\n{}", self.name, self.log_tail(n));
         }
     }
 }

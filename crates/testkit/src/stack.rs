@@ -88,14 +88,24 @@ impl Stack {
     }
 
     fn spawn_workers(&self) -> anyhow::Result<Service> {
+        self.spawn_worker("workers", &[], self.ports.workers_admin)
+    }
+
+    /// Another workers process named `name` (its log is `{name}.log`) running `jobs` (all when empty), with its
+    /// admin listener on `admin_port`.
+    pub fn spawn_worker(&self, name: &str, jobs: &[&str], admin_port: u16) -> anyhow::Result<Service> {
         let env = vec![
-            kv("WORKERS_ADMIN_LISTEN", format!("127.0.0.1:{}", self.ports.workers_admin)),
+            kv("WORKERS_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}")),
             kv("WORKERS_DATABASE__URL", self.postgres.url()),
             kv("WORKERS_KAFKA__BROKERS", self.tansu.brokers()),
             kv("WORKERS_KAFKA__FETCH_WAIT_MAX_MS", "10".into()),
-            kv("RUST_LOG", "info".into()),
+            kv("WORKERS_KAFKA__STATS_INTERVAL_MS", "1000".into()),
+            kv("WORKERS_KAFKA__PROPERTIES__BATCH_NUM_MESSAGES", "1".into()), // see tansu.rs
+            kv("RUST_LOG", std::env::var("TESTKIT_WORKERS_LOG").unwrap_or_else(|_| "info".into())),
         ];
-        Service::spawn("workers", &bin_path("workers"), &["run"], &env, self.dir.path())
+        let mut args = vec!["run"];
+        args.extend_from_slice(jobs);
+        Service::spawn(name, &bin_path("workers"), &args, &env, self.dir.path())
     }
 
     fn gateway_env(&self) -> Vec<(String, String)> {
@@ -103,6 +113,7 @@ impl Stack {
             kv("GATEWAY_LISTEN", format!("127.0.0.1:{}", self.ports.gateway)),
             kv("GATEWAY_ADMIN_LISTEN", format!("127.0.0.1:{}", self.ports.gateway_admin)),
             kv("GATEWAY_KAFKA__BROKERS", self.tansu.brokers()),
+            kv("GATEWAY_KAFKA__PROPERTIES__BATCH_NUM_MESSAGES", "1".into()), // see tansu.rs
             kv("GATEWAY_DATABASE__URL", self.postgres.url()),
             kv("GATEWAY_AUTH__ISSUER", ISSUER.into()),
             kv("GATEWAY_AUTH__AUDIENCE", AUDIENCE.into()),

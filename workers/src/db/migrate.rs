@@ -7,7 +7,10 @@
 use deadpool_postgres::Pool;
 
 /// The migrations of this build, in order.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "orders", include_str!("../../migrations/0001_orders.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "orders", include_str!("../../migrations/0001_orders.sql")),
+    (2, "validation", include_str!("../../migrations/0002_validation.sql")),
+];
 
 /// An arbitrary constant naming our advisory lock.
 const LOCK_KEY: i64 = 0x6f72_6465_7273; // "orders"

@@ -1,52 +1,39 @@
-//! `persist`: consumes order commands and writes each order, its lines and its first status to PostgreSQL.
+//! `persist`: consumes `orders.validated` and writes each order, its lines and its status history (received,
+//! then accepted or rejected with the failed rules) to PostgreSQL.
 //!
-//! Delivery is at least once, the effect exactly once: the event id is recorded in `processed_events` in the
-//! same transaction as the order, so a redelivered command changes nothing. The consumer's offset is stored only
-//! after the transaction committed (`enable.auto.offset.store=false`); librdkafka commits stored offsets
-//! periodically and once more, synchronously, at shutdown. While PostgreSQL fails, the same message is retried
-//! with capped exponential backoff: nothing is skipped and no offset moves past it.
+//! Delivery is at least once, the effect exactly once: each event id is recorded in `processed_events` in the
+//! same transaction as the rows it produced, so a redelivered event changes nothing. A batch holds consecutive
+//! messages; each partition's share of it is one transaction (partitions run concurrently, each on its own
+//! connection), with one array per column (`unnest`) rather than a statement per row. Offsets are stored only
+//! after every transaction of the batch committed.
+//!
+//! PostgreSQL down or slow: the batch is retried with capped, jittered backoff; the consumer reads at most one
+//! batch ahead and then pauses its partitions, so the backlog waits in Kafka. Nothing is skipped and no offset
+//! moves past an unapplied message. A batch that fails on a constraint or data error is split: its events are
+//! applied one by one and only the ones that still fail go to the dead-letter topic.
 
-use std::time::Duration;
+use std::collections::{BTreeMap, HashSet};
+use std::time::Instant;
 
 use deadpool_postgres::Pool;
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::Counter;
-use order_contract::{OrderCommand, decode_command, headers};
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
+use order_contract::{OrderValidated, Verdict, decode_validated, headers};
+use rdkafka::message::{Message, OwnedMessage};
 use service_core::admin::Readiness;
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
-use super::header;
-use crate::config::KafkaConfig;
+use super::{JobMetrics, dead_letter};
+use crate::config::{BatchConfig, KafkaConfig};
+use crate::consume::{Backoff, Source, header};
 use crate::dlq::DeadLetters;
 
 pub const JOB: &str = "persist";
 
-/// What happened to one message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Applied,
-    Duplicate,
-    DeadLettered,
-}
-
-impl Outcome {
-    fn label(self) -> &'static str {
-        match self {
-            Outcome::Applied => "applied",
-            Outcome::Duplicate => "duplicate",
-            Outcome::DeadLettered => "dead_lettered",
-        }
-    }
-}
-
-/// Why applying a command failed.
+/// Why applying events failed.
 #[derive(Debug, thiserror::Error)]
-enum ApplyError {
+pub enum ApplyError {
     /// Worth retrying: the database is down, slow, or the connection broke.
     #[error("transient database error: {0}")]
     Transient(String),
@@ -57,9 +44,14 @@ enum ApplyError {
 
 impl From<tokio_postgres::Error> for ApplyError {
     fn from(e: tokio_postgres::Error) -> Self {
+        // `{:#}` is not implemented; the source carries the server's message.
+        let text = match std::error::Error::source(&e) {
+            Some(src) => format!("{e}: {src}"),
+            None => e.to_string(),
+        };
         match e.code() {
-            Some(code) if is_permanent(code) => ApplyError::Permanent(e.to_string()),
-            _ => ApplyError::Transient(e.to_string()),
+            Some(code) if is_permanent(code) => ApplyError::Permanent(text),
+            _ => ApplyError::Transient(text),
         }
     }
 }
@@ -70,7 +62,8 @@ impl From<deadpool_postgres::PoolError> for ApplyError {
     }
 }
 
-/// SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation) cannot heal by retrying.
+/// SQLSTATE classes 22 (data exception) and 23 (integrity constraint violation) cannot heal by retrying;
+/// everything else (connection loss, serialization failure 40001, deadlock 40P01, admin shutdown) can.
 fn is_permanent(code: &SqlState) -> bool {
     let c = code.code();
     c.starts_with("22") || c.starts_with("23")
@@ -79,108 +72,122 @@ fn is_permanent(code: &SqlState) -> bool {
 pub struct PersistJob {
     pub pool: Pool,
     pub kafka: KafkaConfig,
+    pub batch: BatchConfig,
     pub dead_letters: DeadLetters,
     pub readiness: Readiness,
-    pub processed: Counter<u64>,
+    pub metrics: JobMetrics,
+}
+
+/// Counts from applying events.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub applied: u64,
+    pub duplicates: u64,
 }
 
 impl PersistJob {
-    fn consumer(&self) -> Result<StreamConsumer, KafkaError> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.kafka.brokers)
-            .set("group.id", format!("{}.{JOB}", self.kafka.group_prefix))
-            .set("client.id", format!("workers-{JOB}"))
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "1000")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", self.kafka.fetch_wait_max_ms.to_string())
-            .set("session.timeout.ms", "10000")
-            .create()?;
-        consumer.subscribe(&[&self.kafka.commands_topic])?;
-        Ok(consumer)
-    }
-
-    /// Runs until `stop`; the message in hand is finished (or left for redelivery) before returning.
+    /// Runs until `stop`; the batch in hand is finished or left for redelivery.
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
-        let consumer = self.consumer()?;
+        let mut source = Source::new(JOB, &self.kafka.validated_topic, &self.kafka, &self.batch)?;
+        self.metrics.watch_lag(JOB, source.lag.clone());
         self.readiness.set("consumer", true);
-        tracing::info!(topic = %self.kafka.commands_topic, "persist job consuming");
-        loop {
-            let msg = tokio::select! {
-                _ = stop.cancelled() => break,
-                m = consumer.recv() => m,
-            };
-            let msg = match msg {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Kafka consume error");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            let Some(outcome) = self.handle(&msg, &stop).await else {
-                break; // stopped while retrying: the message stays unacknowledged and is redelivered later
-            };
-            self.processed.add(1, &[KeyValue::new("job", JOB), KeyValue::new("outcome", outcome.label())]);
-            if let Err(e) = consumer.store_offset_from_message(&msg) {
-                tracing::warn!(error = %e, "storing the offset failed; the message may be redelivered");
+        tracing::info!(topic = %self.kafka.validated_topic, "persist job consuming");
+        while let Some(batch) = source.next_batch(&stop).await {
+            self.metrics.batch(JOB, batch.len());
+            if !source.while_working(self.process(&batch, &stop)).await {
+                break;
             }
+            source.done(&batch);
         }
         self.readiness.set("consumer", false);
-        // Commit what was stored, synchronously, before leaving the group.
-        match consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "final offset commit failed; uncommitted messages will be redelivered")
-            }
-        }
+        source.commit();
         tracing::info!("persist job stopped");
         Ok(())
     }
 
-    /// Applies one message, retrying transient failures; `None` when stopped before it could be applied.
-    async fn handle(&self, msg: &BorrowedMessage<'_>, stop: &CancellationToken) -> Option<Outcome> {
-        let command = match decode_command(
-            header(msg, headers::EVENT_TYPE),
-            header(msg, headers::SCHEMA_VERSION),
-            msg.payload().unwrap_or_default(),
-        ) {
-            Ok(c) => c,
-            Err(e) => return self.dead_letter(msg, &format!("undecodable: {e}"), stop).await,
-        };
+    /// Applies a batch; `false` when stopped before all of it was applied.
+    async fn process(&self, batch: &[OwnedMessage], stop: &CancellationToken) -> bool {
+        let mut by_partition: BTreeMap<i32, Vec<(&OwnedMessage, OrderValidated)>> = BTreeMap::new();
+        for msg in batch {
+            match decode_validated(
+                header(msg, headers::EVENT_TYPE),
+                header(msg, headers::SCHEMA_VERSION),
+                msg.payload().unwrap_or_default(),
+            ) {
+                Ok(ev) => by_partition.entry(msg.partition()).or_default().push((msg, ev)),
+                Err(e) => {
+                    if !dead_letter(&self.dead_letters, JOB, msg, &format!("undecodable: {e}"), stop).await {
+                        return false;
+                    }
+                    self.metrics.outcome(JOB, "dead_lettered", 1);
+                }
+            }
+        }
+        let parts = by_partition.into_values().map(|events| self.apply_partition(events, stop));
+        futures_util::future::join_all(parts).await.into_iter().all(|done| done)
+    }
+
+    /// One partition's events in one transaction, retried while the failure is transient; split into single
+    /// events when it is permanent. `false` when stopped first.
+    async fn apply_partition(&self, events: Vec<(&OwnedMessage, OrderValidated)>, stop: &CancellationToken) -> bool {
+        let all: Vec<&OrderValidated> = events.iter().map(|(_, e)| e).collect();
+        match self.apply_retrying(&all, stop).await {
+            Some(Ok(n)) => {
+                self.count(n);
+                true
+            }
+            None => false,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, events = all.len(), "batch refused; applying its events one by one");
+                for (msg, ev) in &events {
+                    match self.apply_retrying(&[ev], stop).await {
+                        None => return false,
+                        Some(Ok(n)) => self.count(n),
+                        Some(Err(e)) => {
+                            if !dead_letter(&self.dead_letters, JOB, *msg, &e, stop).await {
+                                return false;
+                            }
+                            self.metrics.outcome(JOB, "dead_lettered", 1);
+                        }
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    fn count(&self, n: Applied) {
+        self.metrics.outcome(JOB, "applied", n.applied);
+        self.metrics.outcome(JOB, "duplicate", n.duplicates);
+    }
+
+    /// `Some(Ok)` once applied, `Some(Err(why))` when no retry can help, `None` when stopped while retrying.
+    async fn apply_retrying(
+        &self,
+        events: &[&OrderValidated],
+        stop: &CancellationToken,
+    ) -> Option<Result<Applied, String>> {
         let mut backoff = Backoff::new();
         loop {
-            match apply(&self.pool, &command).await {
-                Ok(applied) => {
+            let started = Instant::now();
+            let result = apply(&self.pool, events).await;
+            let outcome = if result.is_ok() { "commit" } else { "rollback" };
+            self.metrics.db_duration.record(
+                started.elapsed().as_secs_f64(),
+                &[KeyValue::new("job", JOB), KeyValue::new("outcome", outcome)],
+            );
+            match result {
+                Ok(n) => {
                     self.readiness.set("database", true);
-                    return Some(if applied { Outcome::Applied } else { Outcome::Duplicate });
+                    return Some(Ok(n));
                 }
-                Err(ApplyError::Permanent(e)) => return self.dead_letter(msg, &e, stop).await,
+                Err(ApplyError::Permanent(e)) => return Some(Err(e)),
                 Err(ApplyError::Transient(e)) => {
                     self.readiness.set("database", false);
-                    let wait = backoff.next_delay();
-                    tracing::warn!(error = %e, order_id = %command.order_id, ?wait, "database unavailable; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return None,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
-    }
-
-    async fn dead_letter(&self, msg: &BorrowedMessage<'_>, why: &str, stop: &CancellationToken) -> Option<Outcome> {
-        tracing::error!(error = why, partition = msg.partition(), offset = msg.offset(), "dead-lettering a message");
-        let mut backoff = Backoff::new();
-        loop {
-            match self.dead_letters.send(JOB, msg, why).await {
-                Ok(()) => return Some(Outcome::DeadLettered),
-                Err(e) => {
-                    tracing::warn!(error = %e, "publishing to the DLQ failed; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return None,
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    self.metrics.retry(JOB, "database");
+                    tracing::warn!(error = %e, events = events.len(), "database unavailable; retrying the batch");
+                    if !backoff.wait(stop).await {
+                        return None;
                     }
                 }
             }
@@ -188,64 +195,96 @@ impl PersistJob {
     }
 }
 
-/// Writes the order in one transaction; `Ok(false)` when this event was applied before.
-async fn apply(pool: &Pool, cmd: &OrderCommand) -> Result<bool, ApplyError> {
-    let total = cmd.total_cents().ok_or_else(|| ApplyError::Permanent("order total overflows".into()))?;
+/// Writes `events` in one transaction, skipping those applied before (or repeated within `events`).
+pub async fn apply(pool: &Pool, events: &[&OrderValidated]) -> Result<Applied, ApplyError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let fresh = tx
-        .execute(
-            "INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            &[&JOB, &cmd.event_id],
+    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    let inbox = tx
+        .prepare_cached(
+            "INSERT INTO processed_events (consumer, event_id) SELECT $1, unnest($2::uuid[])
+             ON CONFLICT DO NOTHING RETURNING event_id",
         )
         .await?;
-    if fresh == 0 {
-        tx.rollback().await?;
-        return Ok(false);
+    let mut fresh: HashSet<Uuid> = tx.query(&inbox, &[&JOB, &ids]).await?.iter().map(|r| r.get(0)).collect();
+    // `remove` keeps only the first of two copies of one event in the same batch.
+    let new: Vec<&OrderValidated> = events.iter().copied().filter(|e| fresh.remove(&e.event_id)).collect();
+    let result = Applied { applied: new.len() as u64, duplicates: (events.len() - new.len()) as u64 };
+    if new.is_empty() {
+        tx.commit().await?;
+        return Ok(result);
     }
-    tx.execute(
-        "INSERT INTO orders (id, customer_id, currency, total_cents, status, received_at)
-         VALUES ($1, $2, $3, $4, 'received', $5)",
-        &[&cmd.order_id, &cmd.order.customer_id, &cmd.order.currency, &total, &cmd.received_at],
-    )
-    .await?;
-    let lines: Vec<i32> = (1..).take(cmd.order.items.len()).collect();
-    let skus: Vec<&str> = cmd.order.items.iter().map(|i| i.sku.as_str()).collect();
-    let qtys: Vec<i32> = cmd.order.items.iter().map(|i| i.qty).collect();
-    let prices: Vec<i64> = cmd.order.items.iter().map(|i| i.unit_price_cents).collect();
-    tx.execute(
-        "INSERT INTO order_items (order_id, line, sku, qty, unit_price_cents)
-         SELECT $1, * FROM unnest($2::int[], $3::text[], $4::int[], $5::bigint[])",
-        &[&cmd.order_id, &lines, &skus, &qtys, &prices],
-    )
-    .await?;
-    tx.execute(
-        "INSERT INTO order_status_history (order_id, status, event_id) VALUES ($1, 'received', $2)",
-        &[&cmd.order_id, &cmd.event_id],
-    )
-    .await?;
+
+    let order_ids: Vec<Uuid> = new.iter().map(|e| e.order_id).collect();
+    let customers: Vec<&str> = new.iter().map(|e| e.order.customer_id.as_str()).collect();
+    let currencies: Vec<&str> = new.iter().map(|e| e.order.currency.as_str()).collect();
+    let totals: Vec<Option<i64>> = new.iter().map(|e| e.total_cents).collect();
+    let statuses: Vec<&str> = new.iter().map(|e| e.verdict.status()).collect();
+    let received: Vec<time::OffsetDateTime> = new.iter().map(|e| e.received_at).collect();
+    let validated: Vec<time::OffsetDateTime> = new.iter().map(|e| e.validated_at).collect();
+    let orders = tx
+        .prepare_cached(
+            "INSERT INTO orders (id, customer_id, currency, total_cents, status, received_at, validated_at)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                                  $6::timestamptz[], $7::timestamptz[])",
+        )
+        .await?;
+    tx.execute(&orders, &[&order_ids, &customers, &currencies, &totals, &statuses, &received, &validated]).await?;
+
+    let lines = new.iter().map(|e| e.order.items.len()).sum();
+    let (mut item_orders, mut line_nos, mut skus, mut qtys, mut prices) = (
+        Vec::with_capacity(lines),
+        Vec::with_capacity(lines),
+        Vec::with_capacity(lines),
+        Vec::with_capacity(lines),
+        Vec::with_capacity(lines),
+    );
+    for e in &new {
+        for (i, item) in e.order.items.iter().enumerate() {
+            item_orders.push(e.order_id);
+            line_nos.push(i as i32 + 1);
+            skus.push(item.sku.as_str());
+            qtys.push(item.qty);
+            prices.push(item.unit_price_cents);
+        }
+    }
+    let items = tx
+        .prepare_cached(
+            "INSERT INTO order_items (order_id, line, sku, qty, unit_price_cents)
+             SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::bigint[])",
+        )
+        .await?;
+    tx.execute(&items, &[&item_orders, &line_nos, &skus, &qtys, &prices]).await?;
+
+    // Two history rows per order: received (the command), then the verdict (this event).
+    let n = new.len() * 2;
+    let (mut h_orders, mut h_status, mut h_events, mut h_at, mut h_detail) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for e in &new {
+        h_orders.extend([e.order_id, e.order_id]);
+        h_status.extend(["received", e.verdict.status()]);
+        h_events.extend([e.command_event_id, e.event_id]);
+        h_at.extend([e.received_at, e.validated_at]);
+        let detail = match &e.verdict {
+            Verdict::Accepted => None,
+            Verdict::Rejected { failures } => serde_json::to_value(failures).ok(),
+        };
+        h_detail.extend([None, detail]);
+    }
+    let history = tx
+        .prepare_cached(
+            "INSERT INTO order_status_history (order_id, status, event_id, at, detail)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::timestamptz[], $5::jsonb[])",
+        )
+        .await?;
+    tx.execute(&history, &[&h_orders, &h_status, &h_events, &h_at, &h_detail]).await?;
     tx.commit().await?;
-    Ok(true)
-}
-
-/// Capped exponential backoff with "equal jitter" (half fixed, half random): 100 ms doubling up to 10 s.
-struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self { attempt: 0 }
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let cap_ms = (100u64 << self.attempt.min(7)).min(10_000);
-        self.attempt = self.attempt.saturating_add(1);
-        // Jitter from the clock's sub-second nanoseconds: cheap, and enough to spread replicas apart.
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-        Duration::from_millis(cap_ms / 2 + u64::from(nanos) % (cap_ms / 2 + 1))
-    }
+    Ok(result)
 }
 
 #[cfg(test)]
@@ -253,22 +292,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_and_is_capped() {
-        let mut b = Backoff::new();
-        let first = b.next_delay();
-        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
-        for _ in 0..20 {
-            let d = b.next_delay();
-            assert!(d <= Duration::from_secs(10), "{d:?}");
-        }
-        assert!(b.next_delay() >= Duration::from_secs(5));
-    }
-
-    #[test]
     fn constraint_and_data_errors_are_permanent() {
         assert!(is_permanent(&SqlState::UNIQUE_VIOLATION));
         assert!(is_permanent(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE));
         assert!(!is_permanent(&SqlState::CONNECTION_FAILURE));
         assert!(!is_permanent(&SqlState::T_R_SERIALIZATION_FAILURE));
+        assert!(!is_permanent(&SqlState::T_R_DEADLOCK_DETECTED));
+        assert!(!is_permanent(&SqlState::ADMIN_SHUTDOWN));
     }
 }

@@ -1,0 +1,188 @@
+//! `validate`: consumes `orders.commands`, applies the business rules, and publishes the verdict to
+//! `orders.validated` (accepted and rejected alike) and, when the command carries a `reply-to` header, to the
+//! replies topic for the gateway that waits on it (with the command's `correlation-id`).
+//!
+//! Produce, then commit: offsets are stored only after the broker acknowledged every record of the batch. A
+//! crash in between redelivers the commands, and validating them again gives the very same events (the event
+//! id is derived from the command's), which the persist job recognises as applied. A duplicate reply is
+//! ignored by the gateway, which only listens for correlation ids it waits on.
+
+use std::time::Duration;
+
+use order_contract::{OrderValidated, SCHEMA_VERSION, decode_command, headers};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use service_core::admin::Readiness;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use super::{JobMetrics, dead_letter};
+use crate::config::{BatchConfig, KafkaConfig, RulesConfig};
+use crate::consume::{Backoff, Source, header};
+use crate::dlq::DeadLetters;
+use crate::rules;
+
+pub const JOB: &str = "validate";
+
+pub struct ValidateJob {
+    pub kafka: KafkaConfig,
+    pub batch: BatchConfig,
+    pub rules: RulesConfig,
+    pub dead_letters: DeadLetters,
+    pub readiness: Readiness,
+    pub metrics: JobMetrics,
+}
+
+/// One record to publish.
+struct Out {
+    topic: String,
+    key: String,
+    payload: Vec<u8>,
+    traceparent: Option<String>,
+    correlation_id: Option<String>,
+}
+
+impl ValidateJob {
+    /// The idempotent producer of verdicts (`acks=all`, so an acknowledged verdict survives a broker failover).
+    fn producer(&self) -> Result<FutureProducer, KafkaError> {
+        self.kafka
+            .client()
+            .set("client.id", format!("workers-{JOB}"))
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", "30000")
+            .create()
+    }
+
+    /// Runs until `stop`; the batch in hand is finished or left for redelivery.
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let mut source = Source::new(JOB, &self.kafka.commands_topic, &self.kafka, &self.batch)?;
+        self.metrics.watch_lag(JOB, source.lag.clone());
+        let producer = self.producer()?;
+        self.readiness.set("consumer", true);
+        tracing::info!(topic = %self.kafka.commands_topic, "validate job consuming");
+        while let Some(batch) = source.next_batch(&stop).await {
+            self.metrics.batch(JOB, batch.len());
+            if !source.while_working(self.process(&producer, &batch, &stop)).await {
+                break;
+            }
+            source.done(&batch);
+        }
+        self.readiness.set("consumer", false);
+        source.commit();
+        tracing::info!("validate job stopped");
+        Ok(())
+    }
+
+    /// Validates and publishes a batch; `false` when stopped before every verdict was acknowledged.
+    async fn process(&self, producer: &FutureProducer, batch: &[OwnedMessage], stop: &CancellationToken) -> bool {
+        let now = OffsetDateTime::now_utc();
+        let mut out = Vec::with_capacity(batch.len());
+        let (mut accepted, mut rejected, mut dead) = (0, 0, 0);
+        for msg in batch {
+            let command = match decode_command(
+                header(msg, headers::EVENT_TYPE),
+                header(msg, headers::SCHEMA_VERSION),
+                msg.payload().unwrap_or_default(),
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    if !dead_letter(&self.dead_letters, JOB, msg, &format!("undecodable: {e}"), stop).await {
+                        return false;
+                    }
+                    dead += 1;
+                    continue;
+                }
+            };
+            let verdict = rules::validate(&command, &self.rules);
+            match verdict {
+                order_contract::Verdict::Accepted => accepted += 1,
+                order_contract::Verdict::Rejected { .. } => rejected += 1,
+            }
+            let event = OrderValidated::new(command, verdict, now);
+            let payload = match serde_json::to_vec(&event) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Cannot happen with these types; treated like any message no retry can fix.
+                    if !dead_letter(&self.dead_letters, JOB, msg, &format!("encoding the verdict: {e}"), stop).await {
+                        return false;
+                    }
+                    dead += 1;
+                    continue;
+                }
+            };
+            let traceparent = header(msg, headers::TRACEPARENT).map(str::to_owned);
+            let correlation_id = header(msg, headers::CORRELATION_ID).map(str::to_owned);
+            let key = event.order_id.to_string();
+            if header(msg, headers::REPLY_TO).is_some() {
+                out.push(Out {
+                    topic: self.kafka.replies_topic.clone(),
+                    key: key.clone(),
+                    payload: payload.clone(),
+                    traceparent: traceparent.clone(),
+                    correlation_id: correlation_id.clone(),
+                });
+            }
+            out.push(Out { topic: self.kafka.validated_topic.clone(), key, payload, traceparent, correlation_id });
+        }
+        if !self.publish(producer, out, stop).await {
+            return false;
+        }
+        self.metrics.outcome(JOB, "accepted", accepted);
+        self.metrics.outcome(JOB, "rejected", rejected);
+        self.metrics.outcome(JOB, "dead_lettered", dead);
+        true
+    }
+
+    /// Publishes every record, retrying the failed ones with backoff until all are acknowledged or `stop`.
+    async fn publish(&self, producer: &FutureProducer, mut pending: Vec<Out>, stop: &CancellationToken) -> bool {
+        let mut backoff = Backoff::new();
+        loop {
+            let mut inflight = Vec::with_capacity(pending.len());
+            let mut failed = Vec::new();
+            for out in pending {
+                let headers = OwnedHeaders::new_with_capacity(4)
+                    .insert(Header { key: headers::EVENT_TYPE, value: Some(order_contract::ORDER_VALIDATED) })
+                    .insert(Header { key: headers::SCHEMA_VERSION, value: Some(&SCHEMA_VERSION.to_string()) });
+                let headers = match &out.traceparent {
+                    Some(t) => headers.insert(Header { key: headers::TRACEPARENT, value: Some(t) }),
+                    None => headers,
+                };
+                let headers = match &out.correlation_id {
+                    Some(c) => headers.insert(Header { key: headers::CORRELATION_ID, value: Some(c) }),
+                    None => headers,
+                };
+                let record = FutureRecord::to(&out.topic).key(&out.key).payload(&out.payload).headers(headers);
+                match producer.send_result(record) {
+                    Ok(delivery) => inflight.push((delivery, out)),
+                    Err((e, _)) => {
+                        tracing::debug!(error = %e, "enqueueing a verdict failed");
+                        failed.push(out);
+                    }
+                }
+            }
+            for (delivery, out) in inflight {
+                match delivery.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => {
+                        tracing::warn!(error = %e, topic = %out.topic, "publishing a verdict failed; retrying");
+                        failed.push(out);
+                    }
+                    Err(_) => failed.push(out), // the producer was dropped: cannot happen while we hold it
+                }
+            }
+            if failed.is_empty() {
+                return true;
+            }
+            self.metrics.retry(JOB, "kafka");
+            if !backoff.wait(stop).await {
+                return false;
+            }
+            // Give librdkafka a moment to refresh metadata before resending.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            pending = failed;
+        }
+    }
+}
