@@ -14,6 +14,7 @@ use service_core::problem::{self, Problem};
 
 use crate::auth::{AuthError, Verifier};
 use crate::publish::Publisher;
+use crate::replies::Replies;
 
 /// Role needed to create orders.
 pub const ROLE_WRITE: &str = "orders:write";
@@ -24,6 +25,8 @@ pub const ROLE_READ: &str = "orders:read";
 pub struct Api {
     pub verifier: Verifier,
     pub publisher: Publisher,
+    pub replies: Arc<Replies>,
+    pub sync_timeout: std::time::Duration,
     pub orders_db: deadpool_postgres::Pool,
     pub max_body_bytes: usize,
     pub duration: Histogram<f64>,
@@ -53,11 +56,19 @@ impl Api {
         match path {
             "/v1/orders/async" => {
                 let r = if req.method() == Method::POST {
-                    self.create_async(req).await
+                    self.create(req, false).await
                 } else {
                     method_not_allowed("POST")
                 };
                 ("/v1/orders/async", r)
+            }
+            "/v1/orders" => {
+                let r = if req.method() == Method::POST {
+                    self.create(req, true).await
+                } else {
+                    method_not_allowed("POST")
+                };
+                ("/v1/orders", r)
             }
             _ => match path.strip_prefix("/v1/orders/").filter(|id| !id.is_empty() && !id.contains('/')) {
                 Some(id) => {
@@ -74,7 +85,9 @@ impl Api {
         }
     }
 
-    async fn create_async(&self, req: Request<Incoming>) -> Response<Body> {
+    /// `POST /v1/orders/async` (`sync` false): `202` once the broker has the command. `POST /v1/orders`
+    /// (`sync` true): then waits for the validate job's verdict: `201`, `422`, or `504` after the timeout.
+    async fn create(&self, req: Request<Incoming>, sync: bool) -> Response<Body> {
         let principal = match self.verifier.authenticate(header_str(&req, header::AUTHORIZATION)) {
             Ok(p) => p,
             Err(e) => return auth_failure(&e),
@@ -88,21 +101,34 @@ impl Api {
             Err(r) => return *r,
         };
         let command = OrderCommand::new(order);
-        match self.publisher.publish(&command, traceparent.as_deref()).await {
-            Ok(()) => {
-                tracing::info!(order_id = %command.order_id, subject = %principal.subject, "order accepted");
-                let body = serde_json::json!({ "id": command.order_id, "status": "received" });
-                let mut r = json_response(StatusCode::ACCEPTED, &body);
-                if let Ok(v) = HeaderValue::from_str(&format!("/v1/orders/{}", command.order_id)) {
-                    r.headers_mut().insert(header::LOCATION, v);
-                }
-                r
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "publishing an order failed");
-                unavailable("broker-unavailable", "the order could not be stored; it was not accepted, retry later")
-            }
+        let correlation_id = uuid::Uuid::now_v7().to_string();
+        // Registered before publishing, so that even an instant reply finds its request.
+        let waiter = sync.then(|| self.replies.register(&correlation_id));
+        let reply = sync.then_some((self.replies.topic.as_str(), correlation_id.as_str()));
+        if let Err(e) = self.publisher.publish(&command, traceparent.as_deref(), reply).await {
+            tracing::warn!(error = %e, "publishing an order failed");
+            return unavailable(
+                "broker-unavailable",
+                "the order could not be stored; it was not accepted, retry later",
+            );
         }
+        tracing::info!(order_id = %command.order_id, subject = %principal.subject, sync, "order accepted");
+        let location = format!("/v1/orders/{}", command.order_id);
+        let mut r = match waiter {
+            None => json_response(StatusCode::ACCEPTED, &serde_json::json!({ "id": command.order_id, "status": "received" })),
+            Some(w) => match w.wait(self.sync_timeout).await {
+                Some(verdict) => verdict_response(&verdict),
+                None => problem_response(
+                    &Problem::new("validation-timeout", 504, "Gateway Timeout")
+                        .with_detail("the order was accepted but not validated in time; it is still being processed, see Location")
+                        .with("id", serde_json::json!(command.order_id)),
+                ),
+            },
+        };
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        r
     }
 
     async fn get_order(&self, req: &Request<Incoming>, id: &str) -> Response<Body> {
@@ -186,6 +212,29 @@ impl Api {
             )));
         }
         Ok(order)
+    }
+}
+
+/// `201` with the order when accepted, `422` with the broken rules when rejected.
+fn verdict_response(v: &order_contract::OrderValidated) -> Response<Body> {
+    match &v.verdict {
+        order_contract::Verdict::Accepted => json_response(
+            StatusCode::CREATED,
+            &serde_json::json!({
+                "id": v.order_id,
+                "status": "accepted",
+                "customer_id": v.order.customer_id,
+                "currency": v.order.currency,
+                "total_cents": v.total_cents,
+                "items": v.order.items,
+            }),
+        ),
+        order_contract::Verdict::Rejected { failures } => problem_response(
+            &Problem::new("order-rejected", 422, "Unprocessable Content")
+                .with_detail("the order breaks business rules; see errors")
+                .with("id", serde_json::json!(v.order_id))
+                .with("errors", serde_json::json!(failures)),
+        ),
     }
 }
 

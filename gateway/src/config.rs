@@ -24,6 +24,21 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// The read side: `GET /v1/orders/{id}` (sessions are read-only).
     pub database: DatabaseConfig,
+    pub sync: SyncConfig,
+}
+
+/// `POST /v1/orders`: how long a request waits for the validation result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncConfig {
+    /// After this, `504` with the order's id and `Location` (the order still goes on).
+    pub timeout_ms: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self { timeout_ms: 5_000 }
+    }
 }
 
 impl Default for Config {
@@ -37,6 +52,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             kafka: KafkaConfig::default(),
             database: DatabaseConfig::default(),
+            sync: SyncConfig::default(),
         }
     }
 }
@@ -77,6 +93,10 @@ pub struct KafkaConfig {
     /// `bootstrap.servers`.
     pub brokers: String,
     pub commands_topic: String,
+    /// Where the validate job answers sync requests; every replica reads all of it.
+    pub replies_topic: String,
+    /// librdkafka `fetch.wait.max.ms` of the replies reader: the floor of a sync request's latency on Tansu.
+    pub reply_fetch_wait_ms: u32,
     /// How long a publish may wait for the broker's acknowledgement before the request fails with 503.
     pub delivery_timeout_ms: u64,
     pub client_id: String,
@@ -90,6 +110,8 @@ impl Default for KafkaConfig {
         Self {
             brokers: "127.0.0.1:19092".into(),
             commands_topic: order_contract::topics::COMMANDS.into(),
+            replies_topic: order_contract::topics::REPLIES.into(),
+            reply_fetch_wait_ms: 10,
             delivery_timeout_ms: 10_000,
             client_id: "gateway".into(),
             properties: Default::default(),

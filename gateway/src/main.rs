@@ -5,6 +5,7 @@ mod auth;
 mod config;
 mod publish;
 mod read;
+mod replies;
 mod server;
 
 use std::path::PathBuf;
@@ -39,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
 async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = service_core::shutdown::on_signals().context("installing signal handlers")?;
     let metrics = Metrics::new("gateway")?;
-    let readiness = Readiness::new(&["jwks", "kafka", "serving"]);
+    let readiness = Readiness::new(&["jwks", "kafka", "replies", "serving"]);
     // The admin listener outlives the drain: probes see `serving` go false while in-flight requests finish.
     let admin_stop = tokio_util::sync::CancellationToken::new();
     let (admin_addr, admin_task) = admin::spawn(
@@ -74,9 +75,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_boundaries(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
         .build();
     let orders_db = service_core::db::pool(&config.database, service_core::db::Access::ReadOnly)?;
+    let replies = replies::Replies::start(&config.kafka, readiness.clone(), shutdown.child_token())?;
     let api = Arc::new(api::Api {
         verifier,
         publisher: publisher.clone(),
+        replies,
+        sync_timeout: Duration::from_millis(config.sync.timeout_ms),
         orders_db,
         max_body_bytes: config.max_body_bytes,
         duration,

@@ -61,7 +61,13 @@ impl Publisher {
     }
 
     /// Publishes `command` keyed by its order id and waits for the broker's acknowledgement.
-    pub async fn publish(&self, command: &OrderCommand, traceparent: Option<&str>) -> Result<(), PublishError> {
+    /// With `reply`, (reply topic, correlation id): the validate job answers there.
+    pub async fn publish(
+        &self,
+        command: &OrderCommand,
+        traceparent: Option<&str>,
+        reply: Option<(&str, &str)>,
+    ) -> Result<(), PublishError> {
         let payload = serde_json::to_vec(command)?;
         let key = command.order_id.to_string();
         let version = SCHEMA_VERSION.to_string();
@@ -70,6 +76,11 @@ impl Publisher {
             .insert(Header { key: headers::SCHEMA_VERSION, value: Some(version.as_str()) });
         if let Some(tp) = traceparent {
             hdrs = hdrs.insert(Header { key: headers::TRACEPARENT, value: Some(tp) });
+        }
+        if let Some((topic, correlation_id)) = reply {
+            hdrs = hdrs
+                .insert(Header { key: headers::REPLY_TO, value: Some(topic) })
+                .insert(Header { key: headers::CORRELATION_ID, value: Some(correlation_id) });
         }
         let record = FutureRecord::to(&self.topic).key(&key).payload(&payload).headers(hdrs);
         self.producer.send(record, self.timeout).await.map_err(|(e, _)| PublishError::Delivery(e))?;

@@ -74,7 +74,8 @@ impl Stack {
             stack.workers = Some(stack.spawn_workers()?);
         }
         if opts.gateway {
-            stack.gateway = Some(stack.spawn("gateway", &stack.gateway_env())?);
+            stack.gateway =
+                Some(stack.spawn("gateway", &stack.gateway_env(stack.ports.gateway, stack.ports.gateway_admin))?);
         }
         if opts.edge {
             stack.edge = Some(stack.spawn("edge", &stack.edge_env())?);
@@ -108,10 +109,15 @@ impl Stack {
         Service::spawn(name, &bin_path("workers"), &args, &env, self.dir.path())
     }
 
-    fn gateway_env(&self) -> Vec<(String, String)> {
+    /// Another gateway replica named `name` on `port` (admin `admin_port`), sharing the broker and database.
+    pub fn spawn_gateway(&self, name: &str, port: u16, admin_port: u16) -> anyhow::Result<Service> {
+        Service::spawn(name, &bin_path("gateway"), &[], &self.gateway_env(port, admin_port), self.dir.path())
+    }
+
+    fn gateway_env(&self, port: u16, admin_port: u16) -> Vec<(String, String)> {
         vec![
-            kv("GATEWAY_LISTEN", format!("127.0.0.1:{}", self.ports.gateway)),
-            kv("GATEWAY_ADMIN_LISTEN", format!("127.0.0.1:{}", self.ports.gateway_admin)),
+            kv("GATEWAY_LISTEN", format!("127.0.0.1:{port}")),
+            kv("GATEWAY_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}")),
             kv("GATEWAY_KAFKA__BROKERS", self.tansu.brokers()),
             kv("GATEWAY_KAFKA__PROPERTIES__BATCH_NUM_MESSAGES", "1".into()), // see tansu.rs
             kv("GATEWAY_DATABASE__URL", self.postgres.url()),
