@@ -76,7 +76,7 @@ async fn sync_orders_get_their_verdict_or_a_timeout() -> anyhow::Result<()> {
 async fn two_gateway_replicas_under_concurrent_sync_load_get_their_own_replies() -> anyhow::Result<()> {
     let stack = Stack::start(StackOptions { edge: false, ..StackOptions::default() }).await?;
     let (port_b, admin_b) = (free_port(), free_port());
-    let _b = stack.spawn_gateway("gateway-b", port_b, admin_b)?;
+    let _b = stack.spawn_gateway("gateway-b", port_b, admin_b, &[])?;
     let http = reqwest::Client::new();
     eventually(Duration::from_secs(60), "gateway-b to be ready", || {
         let (http, url) = (&http, stack.admin_url(admin_b, "/readyz"));
@@ -101,5 +101,45 @@ async fn two_gateway_replicas_under_concurrent_sync_load_get_their_own_replies()
         let id = body["id"].as_str().unwrap_or_default();
         assert_eq!(location, Some(format!("/v1/orders/{id}")));
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_in_flight_orders_are_refused_at_once_with_retry_after() -> anyhow::Result<()> {
+    // No workers: a sync request holds its slot until its 3 s timeout.
+    let stack = Stack::start(StackOptions { edge: false, workers: false, ..StackOptions::default() }).await?;
+    let (port, admin) = (free_port(), free_port());
+    let _g = stack.spawn_gateway(
+        "gateway-one-slot",
+        port,
+        admin,
+        &[("GATEWAY_MAX_IN_FLIGHT", "1"), ("GATEWAY_SYNC__TIMEOUT_MS", "3000")],
+    )?;
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(60), "the gateway to be ready", || {
+        let (http, url) = (&http, stack.admin_url(admin, "/readyz"));
+        async move { http.get(url).send().await.ok()?.status().is_success().then_some(()) }
+    })
+    .await?;
+    let token = stack.token();
+    let url = format!("http://127.0.0.1:{port}/v1/orders");
+    let holder = {
+        let (http, url, token) = (http.clone(), url.clone(), token.clone());
+        tokio::spawn(async move { post(&http, &url, &token, &order("holder", "EUR", 1)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let r = http.post(&url).bearer_auth(&token).json(&order("second", "EUR", 1)).send().await?;
+    assert_eq!(r.status(), 503);
+    assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not queued: {:?}", started.elapsed());
+    assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let problem: Value = r.json().await?;
+    assert!(problem["type"].as_str().is_some_and(|t| t.ends_with("/overloaded")), "{problem}");
+
+    let (status, _, _) = holder.await??;
+    assert_eq!(status, 504, "the holder timed out without a worker");
+    let (status, _, body) =
+        post(&http, &format!("http://127.0.0.1:{port}/v1/orders/async"), &token, &order("third", "EUR", 1)).await?;
+    assert_eq!(status, 202, "the slot is free again: {body}");
     Ok(())
 }

@@ -27,6 +27,10 @@ pub struct Api {
     pub publisher: Publisher,
     pub replies: Arc<Replies>,
     pub sync_timeout: std::time::Duration,
+    /// Bounds the order requests in flight (`max_in_flight`).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// `kafka` is failing here: new orders get `503` at once instead of waiting for a delivery timeout.
+    pub readiness: service_core::admin::Readiness,
     pub orders_db: deadpool_postgres::Pool,
     pub max_body_bytes: usize,
     pub duration: Histogram<f64>,
@@ -94,6 +98,13 @@ impl Api {
         };
         if let Err(e) = principal.require(ROLE_WRITE) {
             return auth_failure(&e);
+        }
+        // Backpressure: refuse at once rather than pile up requests behind a slow or absent broker.
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return unavailable("overloaded", "too many orders in flight; retry shortly");
+        };
+        if self.readiness.failing().contains(&"kafka") {
+            return unavailable("broker-unavailable", "the message broker is unreachable; retry later");
         }
         let traceparent = header_str(&req, "traceparent").map(str::to_owned);
         let order = match self.read_order(req).await {

@@ -25,6 +25,8 @@ pub struct Config {
     /// The read side: `GET /v1/orders/{id}` (sessions are read-only).
     pub database: DatabaseConfig,
     pub sync: SyncConfig,
+    /// Most order requests (publish, and for sync requests the wait) handled at once; beyond, `503` at once.
+    pub max_in_flight: usize,
 }
 
 /// `POST /v1/orders`: how long a request waits for the validation result.
@@ -53,6 +55,7 @@ impl Default for Config {
             kafka: KafkaConfig::default(),
             database: DatabaseConfig::default(),
             sync: SyncConfig::default(),
+            max_in_flight: 1024,
         }
     }
 }

@@ -81,6 +81,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         publisher: publisher.clone(),
         replies,
         sync_timeout: Duration::from_millis(config.sync.timeout_ms),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
+        readiness: readiness.clone(),
         orders_db,
         max_body_bytes: config.max_body_bytes,
         duration,

@@ -109,9 +109,18 @@ impl Stack {
         Service::spawn(name, &bin_path("workers"), &args, &env, self.dir.path())
     }
 
-    /// Another gateway replica named `name` on `port` (admin `admin_port`), sharing the broker and database.
-    pub fn spawn_gateway(&self, name: &str, port: u16, admin_port: u16) -> anyhow::Result<Service> {
-        Service::spawn(name, &bin_path("gateway"), &[], &self.gateway_env(port, admin_port), self.dir.path())
+    /// Another gateway replica named `name` on `port` (admin `admin_port`), sharing the broker and database,
+    /// with `extra` environment variables (`GATEWAY_...` settings) on top of the stack's.
+    pub fn spawn_gateway(
+        &self,
+        name: &str,
+        port: u16,
+        admin_port: u16,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<Service> {
+        let mut env = self.gateway_env(port, admin_port);
+        env.extend(extra.iter().map(|(k, v)| kv(k, (*v).to_owned())));
+        Service::spawn(name, &bin_path("gateway"), &[], &env, self.dir.path())
     }
 
     fn gateway_env(&self, port: u16, admin_port: u16) -> Vec<(String, String)> {
