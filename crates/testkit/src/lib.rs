@@ -17,7 +17,7 @@ pub use nginx::Nginx;
 pub use postgres::Postgres;
 pub use process::{Service, bin_path};
 pub use stack::{Stack, StackOptions, https_client_trusting};
-pub use tansu::Tansu;
+pub use tansu::{ONE_RECORD_PER_BATCH, Tansu};
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
