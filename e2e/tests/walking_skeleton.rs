@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use devkit::{SigningKey, unsigned_token};
+use devkit::{Claims, SigningKey, unsigned_token};
 use serde_json::{Value, json};
 use testkit::{Stack, StackOptions, eventually};
 
@@ -105,6 +105,13 @@ async fn bad_credentials_and_bodies_are_refused_with_problem_json() -> anyhow::R
             Some(SigningKey::from_pem(&stack.key.kid, other_key.private_pem())?.sign(&stack.claims())?),
         ),
         ("alg none", Some(unsigned_token(&stack.claims())?)),
+        ("HS256 signed with the public key", Some(stack.key.forge_hs256_with_public_key(&stack.claims())?)),
+        (
+            "wrong issuer",
+            Some(stack.key.sign(&Claims { iss: "https://evil.test/realms/orders".into(), ..stack.claims() })?),
+        ),
+        ("wrong audience", Some(stack.key.sign(&Claims { aud: "another-api".into(), ..stack.claims() })?)),
+        ("not yet valid", Some(stack.key.sign(&Claims { nbf: stack.claims().nbf + 600, ..stack.claims() })?)),
         ("garbage", Some("not.a.jwt".into())),
     ];
     for (what, token) in cases {

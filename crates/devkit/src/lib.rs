@@ -74,6 +74,15 @@ impl SigningKey {
         header.kid = Some(self.kid.clone());
         Ok(jsonwebtoken::encode(&header, claims, &EncodingKey::from_rsa_pem(&self.private_pem)?)?)
     }
+
+    /// The classic key-confusion forgery: HS256 under this key's `kid`, with the *public* key (its JWK, as
+    /// published) as the HMAC secret. A verifier that lets the token pick its algorithm would accept it.
+    pub fn forge_hs256_with_public_key(&self, claims: &Claims) -> Result<String, DevkitError> {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(self.kid.clone());
+        let secret = serde_json::to_vec(&self.jwk())?;
+        Ok(jsonwebtoken::encode(&header, claims, &EncodingKey::from_secret(&secret))?)
+    }
 }
 
 /// A JWKS document publishing `keys`.
