@@ -230,7 +230,8 @@ async fn services_serve_admin_endpoints_and_stop_cleanly() -> anyhow::Result<()>
         let url = stack.admin_url(stack.ports.workers_admin, "/metrics");
         async move {
             let text = http.get(url).send().await.ok()?.text().await.ok()?;
-            text.contains("worker_messages_processed_total").then_some(text)
+            // validate counts its verdict before persist has applied it: wait for persist's count.
+            (text.contains("worker_messages_processed_total") && text.contains("outcome=\"applied\"")).then_some(text)
         }
     })
     .await?;
