@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use testkit::{Stack, StackOptions, eventually, free_port};
+use testkit::{Stack, StackOptions, eventually, free_port, wait_admin_ready};
 
 fn order(customer: &str, currency: &str, qty: i32) -> Value {
     json!({
@@ -78,11 +78,7 @@ async fn two_gateway_replicas_under_concurrent_sync_load_get_their_own_replies()
     let (port_b, admin_b) = (free_port(), free_port());
     let _b = stack.spawn_gateway("gateway-b", port_b, admin_b, &[])?;
     let http = reqwest::Client::new();
-    eventually(Duration::from_secs(60), "gateway-b to be ready", || {
-        let (http, url) = (&http, stack.admin_url(admin_b, "/readyz"));
-        async move { http.get(url).send().await.ok()?.status().is_success().then_some(()) }
-    })
-    .await?;
+    wait_admin_ready("gateway-b", admin_b).await?;
     let token = stack.token();
     let mut tasks = Vec::new();
     for i in 0..60 {
@@ -116,11 +112,7 @@ async fn beyond_max_in_flight_orders_are_refused_at_once_with_retry_after() -> a
         &[("GATEWAY_MAX_IN_FLIGHT", "1"), ("GATEWAY_SYNC__TIMEOUT_MS", "3000")],
     )?;
     let http = reqwest::Client::new();
-    eventually(Duration::from_secs(60), "the gateway to be ready", || {
-        let (http, url) = (&http, stack.admin_url(admin, "/readyz"));
-        async move { http.get(url).send().await.ok()?.status().is_success().then_some(()) }
-    })
-    .await?;
+    wait_admin_ready("the gateway", admin).await?;
     let token = stack.token();
     let url = format!("http://127.0.0.1:{port}/v1/orders");
     let holder = {

@@ -103,7 +103,7 @@ impl Api {
         let Ok(_permit) = self.in_flight.try_acquire() else {
             return unavailable("overloaded", "too many orders in flight; retry shortly");
         };
-        if self.readiness.failing().contains(&"kafka") {
+        if !self.readiness.is_ok("kafka") {
             return unavailable("broker-unavailable", "the message broker is unreachable; retry later");
         }
         let traceparent = header_str(&req, "traceparent").map(str::to_owned);

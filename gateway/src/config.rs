@@ -108,6 +108,18 @@ pub struct KafkaConfig {
     pub properties: std::collections::BTreeMap<String, String>,
 }
 
+impl KafkaConfig {
+    /// A librdkafka configuration with `bootstrap.servers` and the extra `properties`.
+    pub fn client(&self) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.properties {
+            c.set(service_core::config::kafka_property_name(k), v);
+        }
+        c
+    }
+}
+
 impl Default for KafkaConfig {
     fn default() -> Self {
         Self {

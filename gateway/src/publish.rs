@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use order_contract::{ORDER_CREATE, OrderCommand, SCHEMA_VERSION, headers};
-use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -32,18 +31,15 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(config: &KafkaConfig) -> Result<Self, PublishError> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.brokers)
+        let producer: FutureProducer = config
+            .client()
             .set("client.id", &config.client_id)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", config.delivery_timeout_ms.to_string());
-        for (k, v) in &config.properties {
-            client.set(service_core::config::kafka_property_name(k), v);
-        }
-        let producer: FutureProducer = client.create().map_err(PublishError::Create)?;
+            .set("message.timeout.ms", config.delivery_timeout_ms.to_string())
+            .create()
+            .map_err(PublishError::Create)?;
         Ok(Self {
             producer,
             topic: config.commands_topic.clone(),

@@ -12,7 +12,7 @@ use order_contract::{OrderValidated, decode_validated, headers};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use service_core::admin::Readiness;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -52,18 +52,14 @@ impl Drop for Waiter {
 impl Replies {
     /// Starts reading the replies topic; readiness `replies` turns true once every partition is assigned.
     pub fn start(kafka: &KafkaConfig, readiness: Readiness, stop: CancellationToken) -> Result<Arc<Self>, KafkaError> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &kafka.brokers)
+        let consumer: StreamConsumer = kafka
+            .client()
             .set("client.id", format!("{}-replies", kafka.client_id))
             // Required by librdkafka; no group is joined (partitions are assigned, offsets never committed).
             .set("group.id", format!("{}-replies-{}", kafka.client_id, uuid::Uuid::now_v7()))
             .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", kafka.reply_fetch_wait_ms.to_string());
-        for (k, v) in &kafka.properties {
-            client.set(service_core::config::kafka_property_name(k), v);
-        }
-        let consumer: StreamConsumer = client.create()?;
+            .set("fetch.wait.max.ms", kafka.reply_fetch_wait_ms.to_string())
+            .create()?;
         let replies = Arc::new(Self { pending: Mutex::new(HashMap::new()), topic: kafka.replies_topic.clone() });
         tokio::spawn(Arc::clone(&replies).listen(consumer, readiness, stop));
         Ok(replies)

@@ -56,6 +56,11 @@ impl Readiness {
         }
     }
 
+    /// Whether `check` passes now (an unknown check does not).
+    pub fn is_ok(&self, check: &str) -> bool {
+        self.checks.lock().map(|m| m.get(check).copied().unwrap_or(false)).unwrap_or(false)
+    }
+
     pub fn is_ready(&self) -> bool {
         self.failing().is_empty()
     }

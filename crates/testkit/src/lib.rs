@@ -16,7 +16,7 @@ mod tansu;
 pub use nginx::Nginx;
 pub use postgres::Postgres;
 pub use process::{Service, bin_path};
-pub use stack::{Stack, StackOptions, https_client_trusting};
+pub use stack::{Stack, StackOptions, https_client_trusting, wait_admin_ready};
 pub use tansu::{ONE_RECORD_PER_BATCH, Tansu};
 
 use std::net::TcpListener;

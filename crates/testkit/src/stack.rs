@@ -173,18 +173,8 @@ impl Stack {
         if self.edge.is_some() {
             admin.push(("edge", self.ports.edge_admin));
         }
-        let http = reqwest::Client::new();
         for (name, port) in admin {
-            let http = &http;
-            let url = format!("http://127.0.0.1:{port}/readyz");
-            eventually(Duration::from_secs(60), &format!("{name} to be ready"), || {
-                let url = url.clone();
-                async move {
-                    let r = http.get(&url).send().await.ok()?;
-                    r.status().is_success().then_some(())
-                }
-            })
-            .await?;
+            wait_admin_ready(name, port).await?;
         }
         Ok(())
     }
@@ -226,6 +216,17 @@ impl Stack {
     pub fn admin_url(&self, port: u16, path: &str) -> String {
         format!("http://127.0.0.1:{port}{path}")
     }
+}
+
+/// Waits up to 60 s until the admin listener on loopback `port` answers `/readyz` with 200.
+pub async fn wait_admin_ready(name: &str, port: u16) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    eventually(Duration::from_secs(60), &format!("{name} to be ready"), || {
+        let (http, url) = (&http, url.clone());
+        async move { http.get(url).send().await.ok()?.status().is_success().then_some(()) }
+    })
+    .await
 }
 
 /// An HTTPS client whose only trust anchor is the PEM certificate at `cert`, optionally bound to `source`.

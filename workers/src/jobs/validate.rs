@@ -35,8 +35,8 @@ pub struct ValidateJob {
 }
 
 /// One record to publish.
-struct Out {
-    topic: String,
+struct Out<'a> {
+    topic: &'a str,
     key: String,
     payload: Vec<u8>,
     traceparent: Option<String>,
@@ -118,14 +118,14 @@ impl ValidateJob {
             let key = event.order_id.to_string();
             if header(msg, headers::REPLY_TO).is_some() {
                 out.push(Out {
-                    topic: self.kafka.replies_topic.clone(),
+                    topic: &self.kafka.replies_topic,
                     key: key.clone(),
                     payload: payload.clone(),
                     traceparent: traceparent.clone(),
                     correlation_id: correlation_id.clone(),
                 });
             }
-            out.push(Out { topic: self.kafka.validated_topic.clone(), key, payload, traceparent, correlation_id });
+            out.push(Out { topic: &self.kafka.validated_topic, key, payload, traceparent, correlation_id });
         }
         if !self.publish(producer, out, stop).await {
             return false;
@@ -137,15 +137,16 @@ impl ValidateJob {
     }
 
     /// Publishes every record, retrying the failed ones with backoff until all are acknowledged or `stop`.
-    async fn publish(&self, producer: &FutureProducer, mut pending: Vec<Out>, stop: &CancellationToken) -> bool {
+    async fn publish(&self, producer: &FutureProducer, mut pending: Vec<Out<'_>>, stop: &CancellationToken) -> bool {
         let mut backoff = Backoff::new();
+        let version = SCHEMA_VERSION.to_string();
         loop {
             let mut inflight = Vec::with_capacity(pending.len());
             let mut failed = Vec::new();
             for out in pending {
                 let headers = OwnedHeaders::new_with_capacity(4)
                     .insert(Header { key: headers::EVENT_TYPE, value: Some(order_contract::ORDER_VALIDATED) })
-                    .insert(Header { key: headers::SCHEMA_VERSION, value: Some(&SCHEMA_VERSION.to_string()) });
+                    .insert(Header { key: headers::SCHEMA_VERSION, value: Some(&version) });
                 let headers = match &out.traceparent {
                     Some(t) => headers.insert(Header { key: headers::TRACEPARENT, value: Some(t) }),
                     None => headers,
@@ -154,7 +155,7 @@ impl ValidateJob {
                     Some(c) => headers.insert(Header { key: headers::CORRELATION_ID, value: Some(c) }),
                     None => headers,
                 };
-                let record = FutureRecord::to(&out.topic).key(&out.key).payload(&out.payload).headers(headers);
+                let record = FutureRecord::to(out.topic).key(&out.key).payload(&out.payload).headers(headers);
                 match producer.send_result(record) {
                     Ok(delivery) => inflight.push((delivery, out)),
                     Err((e, _)) => {
