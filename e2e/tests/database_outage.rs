@@ -44,7 +44,10 @@ async fn postgres_down_for_twenty_seconds_loses_nothing() -> anyhow::Result<()> 
     let workers = stack.workers.as_mut().expect("workers");
     assert!(workers.exited().is_none(), "the workers never crashed");
     let metrics = get(stack.admin_url(stack.ports.workers_admin, "/metrics")).await.map(|(_, t)| t).unwrap_or_default();
-    assert!(metric(&metrics, "worker_retries_total", &["job=\"persist\"", "cause=\"database\""]) >= 2.0, "{metrics}");
+    assert!(
+        metric(&metrics, "worker_retries_total", &["worker=\"persist\"", "cause=\"database\""]) >= 2.0,
+        "{metrics}"
+    );
 
     stack.postgres.start_again()?;
     eventually(Duration::from_secs(30), "readiness to come back", || async {
@@ -77,7 +80,7 @@ async fn a_locked_table_builds_a_backlog_that_drains_afterwards() -> anyhow::Res
     let lag = eventually(Duration::from_secs(20), "persist lag to show the backlog", || async {
         let text = get(url.clone()).await?.1;
         let lag: f64 = (0..3)
-            .map(|p| metric(&text, "worker_consumer_lag", &["job=\"persist\"", &format!("partition=\"{p}\"")]))
+            .map(|p| metric(&text, "worker_consumer_lag", &["worker=\"persist\"", &format!("partition=\"{p}\"")]))
             .sum();
         (lag > 0.0).then_some(lag)
     })

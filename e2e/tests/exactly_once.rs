@@ -101,7 +101,7 @@ async fn two_persist_instances_share_partitions_through_rebalances() -> anyhow::
         let (http, url) = (&http, stack.admin_url(port, "/metrics"));
         async move {
             let text = http.get(url).send().await.ok()?.text().await.ok()?;
-            Some(metric(&text, "worker_messages_processed_total", &["job=\"persist\"", "outcome=\"applied\""]))
+            Some(metric(&text, "worker_messages_processed_total", &["worker=\"persist\"", "outcome=\"applied\""]))
         }
     };
 

@@ -74,14 +74,14 @@ async fn verdicts_are_stored_and_replies_carry_the_correlation_id() -> anyhow::R
         let (http, url) = (&http, url.clone());
         async move {
             let text = http.get(url).send().await.ok()?.text().await.ok()?;
-            (metric(&text, "worker_messages_processed_total", &["job=\"persist\"", "outcome=\"applied\""]) == 3.0)
+            (metric(&text, "worker_messages_processed_total", &["worker=\"persist\"", "outcome=\"applied\""]) == 3.0)
                 .then_some(text)
         }
     })
     .await?;
-    assert_eq!(metric(&text, "worker_messages_processed_total", &["job=\"validate\"", "outcome=\"rejected\""]), 1.0);
-    assert_eq!(metric(&text, "worker_messages_processed_total", &["job=\"validate\"", "outcome=\"accepted\""]), 2.0);
-    assert_eq!(metric(&text, "worker_messages_consumed_total", &["job=\"persist\""]), 3.0);
+    assert_eq!(metric(&text, "worker_messages_processed_total", &["worker=\"validate\"", "outcome=\"rejected\""]), 1.0);
+    assert_eq!(metric(&text, "worker_messages_processed_total", &["worker=\"validate\"", "outcome=\"accepted\""]), 2.0);
+    assert_eq!(metric(&text, "worker_messages_consumed_total", &["worker=\"persist\""]), 3.0);
     assert!(text.contains("worker_db_duration_seconds_bucket"), "{text}");
     assert!(text.contains("worker_db_pool_connections{"), "{text}");
     Ok(())

@@ -106,6 +106,7 @@ fn main() -> anyhow::Result<()> {
         };
     }
     service_core::logging::init(&config.log);
+    let tracing = service_core::telemetry::init("edge")?;
     let initial_policy = policy::load_dir(&config.policy.dir)
         .map_err(|e| anyhow::anyhow!("invalid rate-limit policy, refusing to start:\n{e}"))?;
     let limiter = Arc::new(Limiter::new(initial_policy));
@@ -115,6 +116,7 @@ fn main() -> anyhow::Result<()> {
 
     let metrics = Metrics::new("edge")?;
     let readiness = Readiness::new(&["proxy", "policy"]);
+    metrics.observe_readiness(&readiness);
     readiness.set("policy", true);
     let meter = metrics.meter();
     let limit_metrics = ratelimit::LimitMetrics {
@@ -169,6 +171,7 @@ fn main() -> anyhow::Result<()> {
         duration,
         limiter: limiter.clone(),
         limit_metrics,
+        tracer: service_core::telemetry::tracer("edge"),
     };
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
     service.add_tls_with_settings(&config.listen.to_string(), None, tls_settings);
@@ -190,6 +193,7 @@ fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %config.listen, admin = %config.admin_listen, upstream = %config.upstream.address,
         cert = %cert.display(), "edge starting");
     server.run(RunArgs { shutdown_signal: Box::new(Signals) });
+    tracing.shutdown();
     tracing::info!("edge stopped");
     Ok(())
 }

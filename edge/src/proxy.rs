@@ -9,12 +9,15 @@ use std::time::Instant;
 use async_trait::async_trait;
 use edge::limiter::Limiter;
 use opentelemetry::KeyValue;
+use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::Histogram;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 use service_core::problem::Problem;
+use service_core::telemetry::{self, Context, SpanKind, TraceContextExt as _};
+use tracing::Instrument as _;
 
 use crate::ratelimit::{self, Applied, LimitMetrics};
 
@@ -25,6 +28,8 @@ pub struct RequestCtx {
     started: Instant,
     request_id: String,
     limits: Applied,
+    /// The request's SERVER span (a no-op span carrying the incoming context when tracing is off).
+    trace: Context,
 }
 
 pub struct EdgeProxy {
@@ -32,6 +37,7 @@ pub struct EdgeProxy {
     pub duration: Histogram<f64>,
     pub limiter: Arc<Limiter>,
     pub limit_metrics: LimitMetrics,
+    pub tracer: BoxedTracer,
 }
 
 #[async_trait]
@@ -39,7 +45,12 @@ impl ProxyHttp for EdgeProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> Self::CTX {
-        RequestCtx { started: Instant::now(), request_id: String::new(), limits: Applied::default() }
+        RequestCtx {
+            started: Instant::now(),
+            request_id: String::new(),
+            limits: Applied::default(),
+            trace: Context::new(),
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
@@ -47,7 +58,11 @@ impl ProxyHttp for EdgeProxy {
             .filter(|id| is_valid_request_id(id))
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        ratelimit::apply(&self.limiter, &self.limit_metrics, session, &ctx.request_id, &mut ctx.limits).await
+        ctx.trace = self.server_span(session, &ctx.request_id);
+        let trace = ctx.trace.clone();
+        ratelimit::apply(&self.limiter, &self.limit_metrics, session, &ctx.request_id, &mut ctx.limits, &trace)
+            .instrument(telemetry::log_span(&trace))
+            .await
     }
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
@@ -77,8 +92,11 @@ impl ProxyHttp for EdgeProxy {
 
         upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
 
-        if !header(upstream, "traceparent").is_some_and(is_valid_traceparent) {
-            upstream.insert_header("traceparent", new_traceparent())?;
+        // The gateway's span is a child of ours; without tracing, a valid incoming context passes unchanged, and
+        // a request without one still gets a fresh trace id to correlate logs.
+        match telemetry::traceparent(&ctx.trace) {
+            Some(tp) => upstream.insert_header("traceparent", tp)?,
+            None => upstream.insert_header("traceparent", new_traceparent())?,
         }
         Ok(())
     }
@@ -136,6 +154,15 @@ impl ProxyHttp for EdgeProxy {
 
     async fn logging(&self, session: &mut Session, error: Option<&pingora::Error>, ctx: &mut Self::CTX) {
         let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        let span = ctx.trace.span();
+        if span.is_recording() {
+            span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
+        }
+        match error {
+            Some(e) => telemetry::end(&ctx.trace, Some((error_type(e), e))),
+            None if status >= 500 => telemetry::end(&ctx.trace, Some((status_text(status), &status))),
+            None => telemetry::end(&ctx.trace, None),
+        }
         let method = session.req_header().method.as_str().to_owned();
         self.duration.record(
             ctx.started.elapsed().as_secs_f64(),
@@ -149,6 +176,75 @@ impl ProxyHttp for EdgeProxy {
         }
         tracing::debug!(request_id = %ctx.request_id, status, rate_limit = ctx.limits.outcome,
             delay_ms = ctx.limits.delay_ms, "request done");
+    }
+}
+
+impl EdgeProxy {
+    /// Starts the request's SERVER span, continuing the client's `traceparent` when it sent a valid one.
+    fn server_span(&self, session: &Session, request_id: &str) -> Context {
+        let req = session.req_header();
+        let parent = telemetry::extract_http(&req.headers);
+        let name = span_name(&req.method);
+        telemetry::start(&self.tracer, name, SpanKind::Server, &parent, || {
+            let mut v = vec![
+                KeyValue::new("http.request.method", if name == "HTTP" { "_OTHER" } else { name }),
+                KeyValue::new("url.path", req.uri.path().to_owned()),
+                KeyValue::new("url.scheme", "https"),
+                KeyValue::new("network.protocol.version", protocol_version(req.version)),
+                KeyValue::new("http.request.header.x-request-id", request_id.to_owned()),
+            ];
+            if let Some(host) = header(req, "host").or_else(|| req.uri.host()) {
+                v.push(KeyValue::new("server.address", host.to_owned()));
+            }
+            if let Some(ua) = header(req, "user-agent") {
+                v.push(KeyValue::new("user_agent.original", ua.to_owned()));
+            }
+            if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
+                v.push(KeyValue::new("network.peer.address", peer.ip().to_string()));
+            }
+            v
+        })
+    }
+}
+
+/// The span name of the semantic conventions without a route: the method, `HTTP` for unknown ones.
+fn span_name(method: &http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "PATCH" => "PATCH",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "HTTP",
+    }
+}
+
+fn protocol_version(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        _ => "1.1",
+    }
+}
+
+fn error_type(e: &pingora::Error) -> &'static str {
+    match e.esource() {
+        ErrorSource::Upstream => "upstream",
+        ErrorSource::Downstream => "downstream",
+        _ => "internal",
+    }
+}
+
+fn status_text(status: u16) -> &'static str {
+    match status {
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => "500",
     }
 }
 
@@ -199,19 +295,6 @@ fn forwarded_for(incoming: Option<&str>, client_ip: Option<&str>) -> Option<Stri
 /// A client's request id is kept only if it is short and plain (it ends up in logs and headers).
 fn is_valid_request_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-}
-
-/// W3C trace context version 00: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, ids not all zero.
-fn is_valid_traceparent(v: &str) -> bool {
-    let parts: Vec<&str> = v.split('-').collect();
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    parts.len() == 4
-        && parts[0] == "00"
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2)
-        && parts[1].bytes().any(|b| b != b'0')
-        && parts[2].bytes().any(|b| b != b'0')
 }
 
 fn new_traceparent() -> String {
@@ -268,10 +351,6 @@ mod tests {
 
     #[test]
     fn traceparents_are_checked_and_generated_valid() {
-        assert!(is_valid_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
-        assert!(!is_valid_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01"));
-        assert!(!is_valid_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
-        assert!(!is_valid_traceparent("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"));
-        assert!(is_valid_traceparent(&new_traceparent()));
+        assert!(service_core::telemetry::is_valid_traceparent(&new_traceparent()));
     }
 }

@@ -10,6 +10,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use pingora::prelude::{Result, Session};
 use service_core::problem::Problem;
+use service_core::telemetry::{Context, TraceContextExt as _};
 
 /// Rate-limit metrics, per zone.
 pub struct LimitMetrics {
@@ -33,6 +34,7 @@ pub async fn apply(
     session: &mut Session,
     request_id: &str,
     applied: &mut Applied,
+    trace: &Context,
 ) -> Result<bool> {
     let Some(peer) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) else {
         return Ok(false);
@@ -54,6 +56,7 @@ pub async fn apply(
     };
     let Some(verdict) = verdict else { return Ok(false) };
     record(metrics, &verdict);
+    annotate(trace, &verdict);
     applied.headers = rate_limit_headers(&verdict);
     applied.delay_ms = verdict.decision.delay_ms;
     applied.outcome = summary(&verdict);
@@ -80,6 +83,13 @@ pub async fn apply(
         return Ok(true);
     }
     if verdict.decision.delay_ms > 0 {
+        let span = trace.span();
+        if span.is_recording() {
+            span.add_event(
+                "rate_limit.delay",
+                vec![KeyValue::new("edge.rate_limit.delay_ms", verdict.decision.delay_ms as i64)],
+            );
+        }
         tokio::time::sleep(Duration::from_millis(verdict.decision.delay_ms)).await;
     }
     Ok(false)
@@ -95,6 +105,34 @@ fn record(metrics: &LimitMetrics, verdict: &Verdict) {
         if let ZoneOutcome::Delayed { ms } | ZoneOutcome::DryRunDelayed { ms } = outcome {
             metrics.delay.record(*ms as f64 / 1000.0, &[KeyValue::new("zone", zone)]);
         }
+    }
+}
+
+/// The decision on the request's span: the summary and delay as attributes, one event per zone consulted.
+fn annotate(trace: &Context, verdict: &Verdict) {
+    let span = trace.span();
+    if !span.is_recording() {
+        return;
+    }
+    span.set_attribute(KeyValue::new("edge.rate_limit.outcome", summary(verdict)));
+    span.set_attribute(KeyValue::new("edge.rate_limit.delay_ms", verdict.decision.delay_ms as i64));
+    span.set_attribute(KeyValue::new("client.address", verdict.client_ip.to_string()));
+    if let Some(i) = verdict.decision.rejected_by {
+        let zone = verdict.active.policy.zones[verdict.zones[i]].name.clone();
+        span.set_attribute(KeyValue::new("edge.rate_limit.zone", zone));
+    }
+    for (pos, outcome) in verdict.decision.outcomes.iter().enumerate() {
+        if matches!(outcome, ZoneOutcome::Skipped) {
+            continue;
+        }
+        let zone = verdict.active.policy.zones[verdict.zones[pos]].name.clone();
+        span.add_event(
+            "rate_limit.decision",
+            vec![
+                KeyValue::new("edge.rate_limit.zone", zone),
+                KeyValue::new("edge.rate_limit.outcome", outcome.label()),
+            ],
+        );
     }
 }
 

@@ -8,9 +8,13 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use opentelemetry::KeyValue;
+use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::Histogram;
 use order_contract::{OrderCommand, OrderRequest};
+use service_core::db::trace::Scope;
 use service_core::problem::{self, Problem};
+use service_core::telemetry::{self, Context, SpanKind, TraceContextExt as _};
+use tracing::Instrument as _;
 
 use crate::auth::{AuthError, Verifier};
 use crate::publish::Publisher;
@@ -34,6 +38,9 @@ pub struct Api {
     pub orders_db: deadpool_postgres::Pool,
     pub max_body_bytes: usize,
     pub duration: Histogram<f64>,
+    pub tracer: BoxedTracer,
+    /// `db.namespace` of the read spans.
+    pub db_name: String,
 }
 
 pub type Body = Full<Bytes>;
@@ -43,7 +50,33 @@ impl Api {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
-        let (route, response) = self.route(req).await;
+        // The server span continues the edge's trace (its `traceparent`); logs written meanwhile carry its ids.
+        let parent = telemetry::extract_http(req.headers());
+        let cx = telemetry::start(&self.tracer, method.as_str().to_owned(), SpanKind::Server, &parent, || {
+            let mut v = vec![
+                KeyValue::new("http.request.method", method.as_str().to_owned()),
+                KeyValue::new("url.path", req.uri().path().to_owned()),
+                KeyValue::new("url.scheme", "http"),
+                KeyValue::new("network.protocol.version", protocol_version(req.version())),
+            ];
+            if let Some(ua) = header_str(&req, header::USER_AGENT) {
+                v.push(KeyValue::new("user_agent.original", ua.to_owned()));
+            }
+            if let Some(id) = header_str(&req, "x-request-id") {
+                v.push(KeyValue::new("http.request.header.x-request-id", id.to_owned()));
+            }
+            v
+        });
+        let (route, response) = self.route(req, &cx).instrument(telemetry::log_span(&cx)).await;
+        let status = response.status();
+        let span = cx.span();
+        if span.is_recording() {
+            span.update_name(format!("{method} {route}"));
+            span.set_attribute(KeyValue::new("http.route", route));
+            span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status.as_u16())));
+        }
+        let error = status.is_server_error().then(|| status.as_u16().to_string());
+        telemetry::end(&cx, error.as_deref().map(|e| (e, &status as &dyn std::fmt::Display)));
         self.duration.record(
             started.elapsed().as_secs_f64(),
             &[
@@ -55,12 +88,12 @@ impl Api {
         response
     }
 
-    async fn route(&self, req: Request<Incoming>) -> (&'static str, Response<Body>) {
+    async fn route(&self, req: Request<Incoming>, cx: &Context) -> (&'static str, Response<Body>) {
         let path = req.uri().path();
         match path {
             "/v1/orders/async" => {
                 let r = if req.method() == Method::POST {
-                    self.create(req, false).await
+                    self.create(req, false, cx).await
                 } else {
                     method_not_allowed("POST")
                 };
@@ -68,7 +101,7 @@ impl Api {
             }
             "/v1/orders" => {
                 let r = if req.method() == Method::POST {
-                    self.create(req, true).await
+                    self.create(req, true, cx).await
                 } else {
                     method_not_allowed("POST")
                 };
@@ -78,7 +111,7 @@ impl Api {
                 Some(id) => {
                     let r = if req.method() == Method::GET || req.method() == Method::HEAD {
                         let id = id.to_owned();
-                        self.get_order(&req, &id).await
+                        self.get_order(&req, &id, cx).await
                     } else {
                         method_not_allowed("GET, HEAD")
                     };
@@ -91,7 +124,7 @@ impl Api {
 
     /// `POST /v1/orders/async` (`sync` false): `202` once the broker has the command. `POST /v1/orders`
     /// (`sync` true): then waits for the validate job's verdict: `201`, `422`, or `504` after the timeout.
-    async fn create(&self, req: Request<Incoming>, sync: bool) -> Response<Body> {
+    async fn create(&self, req: Request<Incoming>, sync: bool, cx: &Context) -> Response<Body> {
         let principal = match self.verifier.authenticate(header_str(&req, header::AUTHORIZATION)) {
             Ok(p) => p,
             Err(e) => return auth_failure(&e),
@@ -106,7 +139,6 @@ impl Api {
         if !self.readiness.is_ok("kafka") {
             return unavailable("broker-unavailable", "the message broker is unreachable; retry later");
         }
-        let traceparent = header_str(&req, "traceparent").map(str::to_owned);
         let order = match self.read_order(req).await {
             Ok(o) => o,
             Err(r) => return *r,
@@ -116,7 +148,7 @@ impl Api {
         // Registered before publishing, so that even an instant reply finds its request.
         let waiter = sync.then(|| self.replies.register(&correlation_id));
         let reply = sync.then_some((self.replies.topic.as_str(), correlation_id.as_str()));
-        if let Err(e) = self.publisher.publish(&command, traceparent.as_deref(), reply).await {
+        if let Err(e) = self.publisher.publish(&command, cx, reply).await {
             tracing::warn!(error = %e, "publishing an order failed");
             return unavailable(
                 "broker-unavailable",
@@ -142,7 +174,7 @@ impl Api {
         r
     }
 
-    async fn get_order(&self, req: &Request<Incoming>, id: &str) -> Response<Body> {
+    async fn get_order(&self, req: &Request<Incoming>, id: &str, cx: &Context) -> Response<Body> {
         let principal = match self.verifier.authenticate(header_str(req, header::AUTHORIZATION)) {
             Ok(p) => p,
             Err(e) => return auth_failure(&e),
@@ -155,7 +187,13 @@ impl Api {
                 &Problem::new("invalid-order-id", 400, "Bad Request").with_detail("an order id is a UUID"),
             );
         };
-        match crate::read::order(&self.orders_db, id).await {
+        match crate::read::order(
+            &self.orders_db,
+            id,
+            &Scope { tracer: &self.tracer, parent: cx, namespace: &self.db_name },
+        )
+        .await
+        {
             Ok(Some(order)) => match serde_json::to_value(&order) {
                 Ok(v) => json_response(StatusCode::OK, &v),
                 Err(e) => problem_response(
@@ -246,6 +284,15 @@ fn verdict_response(v: &order_contract::OrderValidated) -> Response<Body> {
                 .with("id", serde_json::json!(v.order_id))
                 .with("errors", serde_json::json!(failures)),
         ),
+    }
+}
+
+fn protocol_version(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_3 => "3",
+        _ => "1.1",
     }
 }
 

@@ -29,18 +29,23 @@ struct Cli {
     config: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config: Config = service_core::config::load(cli.config.as_deref(), "GATEWAY_")?;
     service_core::logging::init(&config.log);
-    run(config).await
+    let tracing = service_core::telemetry::init("gateway")?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let result = runtime.block_on(run(config));
+    drop(runtime);
+    tracing.shutdown();
+    result
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = service_core::shutdown::on_signals().context("installing signal handlers")?;
     let metrics = Metrics::new("gateway")?;
     let readiness = Readiness::new(&["jwks", "kafka", "replies", "serving"]);
+    metrics.observe_readiness(&readiness);
     // The admin listener outlives the drain: probes see `serving` go false while in-flight requests finish.
     let admin_stop = tokio_util::sync::CancellationToken::new();
     let (admin_addr, admin_task) = admin::spawn(
@@ -86,6 +91,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         orders_db,
         max_body_bytes: config.max_body_bytes,
         duration,
+        tracer: service_core::telemetry::tracer("gateway"),
+        db_name: service_core::db::trace::namespace(&config.database.url),
     });
 
     let listener =

@@ -8,6 +8,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
+use opentelemetry::global::BoxedTracer;
+use service_core::telemetry::{self, Context, KeyValue, SpanKind, TraceContextExt as _};
+
 use crate::config::KafkaConfig;
 
 /// Why a command was not published.
@@ -27,6 +30,7 @@ pub struct Publisher {
     producer: FutureProducer,
     topic: String,
     timeout: Duration,
+    tracer: std::sync::Arc<BoxedTracer>,
 }
 
 impl Publisher {
@@ -44,6 +48,7 @@ impl Publisher {
             producer,
             topic: config.commands_topic.clone(),
             timeout: Duration::from_millis(config.delivery_timeout_ms),
+            tracer: std::sync::Arc::new(telemetry::tracer("gateway")),
         })
     }
 
@@ -61,16 +66,25 @@ impl Publisher {
     pub async fn publish(
         &self,
         command: &OrderCommand,
-        traceparent: Option<&str>,
+        parent: &Context,
         reply: Option<(&str, &str)>,
     ) -> Result<(), PublishError> {
         let payload = serde_json::to_vec(command)?;
         let key = command.order_id.to_string();
+        // The PRODUCER span; its context travels in the message's `traceparent` to the consumers.
+        let cx = telemetry::start(&self.tracer, format!("send {}", self.topic), SpanKind::Producer, parent, || {
+            telemetry::kafka_attributes(
+                "send",
+                &self.topic,
+                &[("messaging.kafka.message.key", key.clone()), ("messaging.message.id", command.event_id.to_string())],
+            )
+        });
+        let traceparent = telemetry::traceparent(&cx);
         let version = SCHEMA_VERSION.to_string();
         let mut hdrs = OwnedHeaders::new()
             .insert(Header { key: headers::EVENT_TYPE, value: Some(ORDER_CREATE) })
             .insert(Header { key: headers::SCHEMA_VERSION, value: Some(version.as_str()) });
-        if let Some(tp) = traceparent {
+        if let Some(tp) = traceparent.as_deref() {
             hdrs = hdrs.insert(Header { key: headers::TRACEPARENT, value: Some(tp) });
         }
         if let Some((topic, correlation_id)) = reply {
@@ -79,8 +93,26 @@ impl Publisher {
                 .insert(Header { key: headers::CORRELATION_ID, value: Some(correlation_id) });
         }
         let record = FutureRecord::to(&self.topic).key(&key).payload(&payload).headers(hdrs);
-        self.producer.send(record, self.timeout).await.map_err(|(e, _)| PublishError::Delivery(e))?;
-        Ok(())
+        match self.producer.send(record, self.timeout).await {
+            Ok(delivery) => {
+                let span = cx.span();
+                if span.is_recording() {
+                    span.set_attribute(KeyValue::new(
+                        "messaging.destination.partition.id",
+                        delivery.partition.to_string(),
+                    ));
+                    span.set_attribute(KeyValue::new("messaging.kafka.offset", delivery.offset));
+                }
+                telemetry::end(&cx, None);
+                service_core::metrics::message_sent(&self.topic, None);
+                Ok(())
+            }
+            Err((e, _)) => {
+                telemetry::end(&cx, Some(("delivery", &e)));
+                service_core::metrics::message_sent(&self.topic, Some("delivery"));
+                Err(PublishError::Delivery(e))
+            }
+        }
     }
 
     /// Waits for queued messages to be delivered (shutdown). Blocks: call off the runtime.

@@ -3,6 +3,7 @@
 
 use deadpool_postgres::Pool;
 use serde::Serialize;
+use service_core::db::trace::Scope;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -46,26 +47,24 @@ pub struct OrderView {
     pub history: Vec<Change>,
 }
 
-/// The order `id`, or `None` when there is none.
-pub async fn order(pool: &Pool, id: Uuid) -> Result<Option<OrderView>, ReadError> {
+const ORDER: &str = "SELECT customer_id, trim(currency), total_cents, status, received_at FROM orders WHERE id = $1";
+const ITEMS: &str = "SELECT sku, qty, unit_price_cents FROM order_items WHERE order_id = $1 ORDER BY line";
+const HISTORY: &str = "SELECT status, at, detail FROM order_status_history WHERE order_id = $1 ORDER BY at, id";
+
+/// The order `id`, or `None` when there is none. Each statement is a span under `traced.parent`.
+pub async fn order(pool: &Pool, id: Uuid, traced: &Scope<'_>) -> Result<Option<OrderView>, ReadError> {
     let client = pool.get().await?;
-    let Some(row) = client
-        .query_opt(
-            "SELECT customer_id, trim(currency), total_cents, status, received_at FROM orders WHERE id = $1",
-            &[&id],
-        )
-        .await?
-    else {
+    let Some(row) = traced.run("SELECT orders", ORDER, client.query_opt(ORDER, &[&id])).await? else {
         return Ok(None);
     };
-    let items = client
-        .query("SELECT sku, qty, unit_price_cents FROM order_items WHERE order_id = $1 ORDER BY line", &[&id])
+    let items = traced
+        .run("SELECT order_items", ITEMS, client.query(ITEMS, &[&id]))
         .await?
         .iter()
         .map(|r| Item { sku: r.get(0), qty: r.get(1), unit_price_cents: r.get(2) })
         .collect();
-    let history = client
-        .query("SELECT status, at, detail FROM order_status_history WHERE order_id = $1 ORDER BY at, id", &[&id])
+    let history = traced
+        .run("SELECT order_status_history", HISTORY, client.query(HISTORY, &[&id]))
         .await?
         .iter()
         .map(|r| Change { status: r.get(0), at: r.get(1), detail: r.get(2) })

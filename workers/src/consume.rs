@@ -5,7 +5,7 @@
 //! commits stored offsets every second, before a rebalance takes partitions away and once more at shutdown. A
 //! crash therefore redelivers at most the batches since the last commit, which the jobs make harmless.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -84,7 +84,7 @@ fn describe(tpl: &TopicPartitionList) -> String {
 pub struct Source {
     consumer: StreamConsumer<JobContext>,
     topic: String,
-    /// The group's progress on the partitions we do not hold, as last seen while we held none.
+    /// The lagging partitions we do not hold and their progress, as last seen while idle.
     idle_snapshot: Option<Vec<(i32, i64, i64)>>,
     ahead: VecDeque<OwnedMessage>,
     next: HashMap<(String, i32), i64>,
@@ -209,28 +209,32 @@ impl Source {
         self.ahead.push_back(m);
     }
 
-    /// Called when no message came for [`IDLE_CHECK`]. A member that holds no partition while some partition of
-    /// its topic has lag that did not move since the last check rejoins the group: Tansu 0.6 can leave a member
-    /// with an empty assignment after another one died, and nothing else would ever wake it up. (With more
-    /// members than partitions, the group's progress keeps moving and nobody rejoins needlessly.)
+    /// Called when no message came for [`IDLE_CHECK`]. A member with nothing to do while a partition it does not
+    /// hold has lag that did not move since the last check rejoins the group: Tansu 0.6 can leave a restarted
+    /// member with an empty or partial assignment while the partitions of members that died stay with nobody, and
+    /// nothing else would ever wake it up. A partition held by a live member that works moves on, so healthy
+    /// groups see no rejoin. (Not while paused: then this member is the one that cannot progress.)
     fn check_idle(&mut self) {
-        let holds_some = self.consumer.assignment().map(|a| a.count() > 0).unwrap_or(true);
-        if holds_some {
+        if self.paused {
             self.idle_snapshot = None;
             return;
         }
-        let snapshot = tokio::task::block_in_place(|| self.group_progress());
-        let Some(snapshot) = snapshot else { return };
-        let stuck = snapshot.iter().any(|(_, committed, high)| committed < high);
-        if stuck && self.idle_snapshot.as_ref() == Some(&snapshot) {
-            tracing::warn!(topic = %self.topic, ?snapshot, "holding no partition while the group makes no progress on a lagging one; rejoining");
+        let held: HashSet<i32> = match self.consumer.assignment() {
+            Ok(a) => a.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect(),
+            Err(_) => return,
+        };
+        let Some(snapshot) = tokio::task::block_in_place(|| self.group_progress()) else { return };
+        let stuck: Vec<(i32, i64, i64)> =
+            snapshot.into_iter().filter(|(p, committed, high)| committed < high && !held.contains(p)).collect();
+        if !stuck.is_empty() && self.idle_snapshot.as_ref() == Some(&stuck) {
+            tracing::warn!(topic = %self.topic, ?stuck, held = ?held, "partitions of other members make no progress while this one idles; rejoining");
             self.consumer.unsubscribe();
             if let Err(e) = self.consumer.subscribe(&[&self.topic]) {
                 tracing::error!(error = %e, "resubscribing failed");
             }
             self.idle_snapshot = None;
         } else {
-            self.idle_snapshot = Some(snapshot);
+            self.idle_snapshot = Some(stuck);
         }
     }
 

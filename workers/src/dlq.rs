@@ -48,7 +48,15 @@ impl DeadLetters {
         if let Some(p) = msg.payload() {
             record = record.payload(p);
         }
-        self.producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
-        Ok(())
+        match self.producer.send(record, Duration::from_secs(30)).await {
+            Ok(_) => {
+                service_core::metrics::message_sent(&self.topic, None);
+                Ok(())
+            }
+            Err((e, _)) => {
+                service_core::metrics::message_sent(&self.topic, Some("delivery"));
+                Err(e)
+            }
+        }
     }
 }

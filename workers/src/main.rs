@@ -54,11 +54,19 @@ impl Job {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config: Config = service_core::config::load(cli.config.as_deref(), "WORKERS_")?;
     service_core::logging::init(&config.log);
+    let tracing = service_core::telemetry::init("workers")?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let result = runtime.block_on(start(cli, config));
+    drop(runtime);
+    tracing.shutdown();
+    result
+}
+
+async fn start(cli: Cli, config: Config) -> anyhow::Result<()> {
     let pool = service_core::db::pool(&config.database, service_core::db::Access::ReadWrite)?;
     match cli.cmd.unwrap_or(Cmd::Run { jobs: vec![] }) {
         Cmd::Migrate => {
@@ -87,6 +95,7 @@ async fn run(config: Config, pool: deadpool_postgres::Pool, jobs: Vec<Job>) -> a
     let uses_db = jobs.contains(&Job::Persist);
     let checks: &[&'static str] = if uses_db { &["database", "consumer"] } else { &["consumer"] };
     let readiness = Readiness::new(checks);
+    metrics.observe_readiness(&readiness);
     let (admin_addr, admin_task) = admin::spawn(
         config.admin_listen,
         AdminState { readiness: readiness.clone(), metrics: metrics.clone() },
@@ -125,6 +134,7 @@ async fn run(config: Config, pool: deadpool_postgres::Pool, jobs: Vec<Job>) -> a
                     dead_letters: dead_letters.clone(),
                     readiness: readiness.clone(),
                     metrics: job_metrics.clone(),
+                    tracer: service_core::telemetry::tracer("workers"),
                 };
                 job_tasks.spawn(async move { job.run(stop).await });
             }
@@ -136,6 +146,8 @@ async fn run(config: Config, pool: deadpool_postgres::Pool, jobs: Vec<Job>) -> a
                     dead_letters: dead_letters.clone(),
                     readiness: readiness.clone(),
                     metrics: job_metrics.clone(),
+                    tracer: service_core::telemetry::tracer("workers"),
+                    db_name: service_core::db::trace::namespace(&config.database.url),
                 };
                 job_tasks.spawn(async move { job.run(stop).await });
             }

@@ -64,6 +64,11 @@ impl Readiness {
     pub fn is_ready(&self) -> bool {
         self.failing().is_empty()
     }
+
+    /// Every check and whether it passes now.
+    pub fn checks(&self) -> Vec<(&'static str, bool)> {
+        self.checks.lock().map(|m| m.iter().map(|(k, v)| (*k, *v)).collect()).unwrap_or_default()
+    }
 }
 
 /// What the admin endpoints read.

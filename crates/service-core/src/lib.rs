@@ -7,6 +7,7 @@
 //! - [`metrics`]: an OpenTelemetry meter provider exported in Prometheus text format;
 //! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/metrics`), separate from the traffic port;
 //! - [`shutdown`]: SIGTERM and SIGINT turned into one cancellation token;
+//! - [`telemetry`]: OpenTelemetry traces exported over OTLP, and W3C trace-context propagation;
 //! - [`problem`]: RFC 9457 problem details, the error body of every HTTP answer we produce;
 //! - `db` (feature `postgres`): database settings and connection pools.
 
@@ -18,3 +19,4 @@ pub mod logging;
 pub mod metrics;
 pub mod problem;
 pub mod shutdown;
+pub mod telemetry;

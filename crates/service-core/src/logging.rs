@@ -33,10 +33,13 @@ pub fn init(config: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    // Colours only on a terminal: a log file or a collector gets plain text (searchable `trace_id=...`).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true).with_ansi(ansi);
     // A second init (tests that start a service twice in one process) keeps the first subscriber.
     let _ = match config.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        // The current span's fields (`trace_id`, `span_id` while handling a request or a message) go in `span`.
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
         LogFormat::Text => builder.try_init(),
     };
 }

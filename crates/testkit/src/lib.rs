@@ -8,6 +8,7 @@ pub mod burst;
 pub mod echo;
 pub mod kafka;
 mod nginx;
+pub mod otlp;
 mod postgres;
 mod process;
 mod stack;

@@ -105,6 +105,11 @@ impl Service {
         self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// Everything the process wrote so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();

@@ -24,11 +24,14 @@ pub struct StackOptions {
     pub edge: bool,
     /// The edge's policy file (TOML), written to `{dir}/policies/policy.toml`.
     pub policy: String,
+    /// Extra environment variables (service, name, value), service being `edge`, `gateway`, `workers` or `*`
+    /// for all; they also apply to the replicas started later with `spawn_gateway` and `spawn_worker`.
+    pub env: Vec<(&'static str, String, String)>,
 }
 
 impl Default for StackOptions {
     fn default() -> Self {
-        Self { gateway: true, workers: true, edge: true, policy: PERMISSIVE_POLICY.to_owned() }
+        Self { gateway: true, workers: true, edge: true, policy: PERMISSIVE_POLICY.to_owned(), env: Vec::new() }
     }
 }
 
@@ -42,6 +45,7 @@ pub struct Stack {
     pub key: SigningKey,
     pub ports: Ports,
     pub dir: TempDir,
+    env: Vec<(&'static str, String, String)>,
 }
 
 /// The ports the services listen on.
@@ -69,7 +73,8 @@ impl Stack {
             gateway_admin: free_port(),
             workers_admin: free_port(),
         };
-        let mut stack = Self { edge: None, gateway: None, workers: None, tansu, postgres, key, ports, dir };
+        let mut stack =
+            Self { edge: None, gateway: None, workers: None, tansu, postgres, key, ports, dir, env: opts.env };
         if opts.workers {
             stack.workers = Some(stack.spawn_workers()?);
         }
@@ -85,7 +90,15 @@ impl Stack {
     }
 
     fn spawn(&self, name: &str, env: &[(String, String)]) -> anyhow::Result<Service> {
-        Service::spawn(name, &bin_path(name), &[], env, self.dir.path())
+        let env = self.with_extra(name, env.to_vec());
+        Service::spawn(name, &bin_path(name), &[], &env, self.dir.path())
+    }
+
+    /// `env` and then the options' extra variables for `service`.
+    fn with_extra(&self, service: &str, mut env: Vec<(String, String)>) -> Vec<(String, String)> {
+        let extra = self.env.iter().filter(|(s, _, _)| *s == "*" || *s == service);
+        env.extend(extra.map(|(_, k, v)| (k.clone(), v.clone())));
+        env
     }
 
     fn spawn_workers(&self) -> anyhow::Result<Service> {
@@ -104,6 +117,7 @@ impl Stack {
             kv("WORKERS_KAFKA__PROPERTIES__BATCH_NUM_MESSAGES", "1".into()), // see tansu.rs
             kv("RUST_LOG", std::env::var("TESTKIT_WORKERS_LOG").unwrap_or_else(|_| "info".into())),
         ];
+        let env = self.with_extra("workers", env);
         let mut args = vec!["run"];
         args.extend_from_slice(jobs);
         Service::spawn(name, &bin_path("workers"), &args, &env, self.dir.path())
@@ -118,7 +132,7 @@ impl Stack {
         admin_port: u16,
         extra: &[(&str, &str)],
     ) -> anyhow::Result<Service> {
-        let mut env = self.gateway_env(port, admin_port);
+        let mut env = self.with_extra("gateway", self.gateway_env(port, admin_port));
         env.extend(extra.iter().map(|(k, v)| kv(k, (*v).to_owned())));
         Service::spawn(name, &bin_path("gateway"), &[], &env, self.dir.path())
     }

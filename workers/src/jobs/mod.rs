@@ -7,10 +7,15 @@ pub mod validate;
 use opentelemetry::KeyValue;
 use std::sync::{Arc, Mutex};
 
+use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::{Counter, Histogram, Meter, ObservableGauge};
+use order_contract::headers;
+use rdkafka::message::{Message, OwnedMessage};
+use service_core::telemetry::{self, Context, SpanKind};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
-use crate::consume::{Backoff, Lag};
+use crate::consume::{Backoff, Lag, header};
 use crate::dlq::DeadLetters;
 
 /// The instruments every job reports to (`job` is a label).
@@ -41,7 +46,7 @@ impl JobMetrics {
                         obs.observe(
                             *n,
                             &[
-                                KeyValue::new("job", *job),
+                                KeyValue::new("worker", *job),
                                 KeyValue::new("topic", topic.clone()),
                                 KeyValue::new("partition", i64::from(*partition)),
                             ],
@@ -87,19 +92,30 @@ impl JobMetrics {
         }
     }
 
+    /// Exports every outcome and retry cause of `job` at 0 from the start, so that `rate()` and alerts on them
+    /// see a series before the first event (and its absence means a job that does not run).
+    fn start(&self, job: &'static str, outcomes: &[&'static str], causes: &[&'static str]) {
+        for outcome in outcomes {
+            self.processed.add(0, &[KeyValue::new("worker", job), KeyValue::new("outcome", *outcome)]);
+        }
+        for cause in causes {
+            self.retries.add(0, &[KeyValue::new("worker", job), KeyValue::new("cause", *cause)]);
+        }
+    }
+
     fn batch(&self, job: &'static str, n: usize) {
-        self.consumed.add(n as u64, &[KeyValue::new("job", job)]);
-        self.batch_size.record(n as u64, &[KeyValue::new("job", job)]);
+        self.consumed.add(n as u64, &[KeyValue::new("worker", job)]);
+        self.batch_size.record(n as u64, &[KeyValue::new("worker", job)]);
     }
 
     fn outcome(&self, job: &'static str, outcome: &'static str, n: u64) {
         if n > 0 {
-            self.processed.add(n, &[KeyValue::new("job", job), KeyValue::new("outcome", outcome)]);
+            self.processed.add(n, &[KeyValue::new("worker", job), KeyValue::new("outcome", outcome)]);
         }
     }
 
     fn retry(&self, job: &'static str, cause: &'static str) {
-        self.retries.add(1, &[KeyValue::new("job", job), KeyValue::new("cause", cause)]);
+        self.retries.add(1, &[KeyValue::new("worker", job), KeyValue::new("cause", cause)]);
     }
 }
 
@@ -109,26 +125,51 @@ async fn dead_letter(
     job: &'static str,
     msg: &impl rdkafka::Message,
     why: &str,
+    cx: &Context,
     stop: &CancellationToken,
 ) -> bool {
-    tracing::error!(
-        job,
-        error = why,
-        topic = msg.topic(),
-        partition = msg.partition(),
-        offset = msg.offset(),
-        "dead-lettering a message"
-    );
-    let mut backoff = Backoff::new();
-    loop {
-        match dlq.send(job, msg, why).await {
-            Ok(()) => return true,
-            Err(e) => {
-                tracing::warn!(error = %e, "publishing to the DLQ failed; retrying");
-                if !backoff.wait(stop).await {
-                    return false;
+    let attempt = async {
+        tracing::error!(
+            job,
+            error = why,
+            topic = msg.topic(),
+            partition = msg.partition(),
+            offset = msg.offset(),
+            "dead-lettering a message"
+        );
+        let mut backoff = Backoff::new();
+        loop {
+            match dlq.send(job, msg, why).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "publishing to the DLQ failed; retrying");
+                    if !backoff.wait(stop).await {
+                        return false;
+                    }
                 }
             }
         }
-    }
+    };
+    attempt.instrument(telemetry::log_span(cx)).await
+}
+
+/// The CONSUMER span of processing one message (`process <topic>`), continuing the trace its `traceparent`
+/// header names, so that one order is one trace from the edge to PostgreSQL.
+fn process_span(tracer: &BoxedTracer, group: &str, msg: &OwnedMessage) -> Context {
+    let parent = telemetry::from_traceparent(header(msg, headers::TRACEPARENT));
+    telemetry::start(tracer, format!("process {}", msg.topic()), SpanKind::Consumer, &parent, || {
+        let mut v = telemetry::kafka_attributes(
+            "process",
+            msg.topic(),
+            &[
+                ("messaging.consumer.group.name", group.to_owned()),
+                ("messaging.destination.partition.id", msg.partition().to_string()),
+            ],
+        );
+        v.push(KeyValue::new("messaging.kafka.offset", msg.offset()));
+        if let Some(key) = msg.key().and_then(|k| std::str::from_utf8(k).ok()) {
+            v.push(KeyValue::new("messaging.kafka.message.key", key.to_owned()));
+        }
+        v
+    })
 }

@@ -17,14 +17,17 @@ use std::time::Instant;
 
 use deadpool_postgres::Pool;
 use opentelemetry::KeyValue;
+use opentelemetry::global::BoxedTracer;
 use order_contract::{OrderValidated, Verdict, decode_validated, headers};
 use rdkafka::message::{Message, OwnedMessage};
 use service_core::admin::Readiness;
+use service_core::db::trace::Scope;
+use service_core::telemetry::{self, Context, TraceContextExt as _};
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{JobMetrics, dead_letter};
+use super::{JobMetrics, dead_letter, process_span};
 use crate::config::{BatchConfig, KafkaConfig};
 use crate::consume::{Backoff, Source, header};
 use crate::dlq::DeadLetters;
@@ -76,7 +79,13 @@ pub struct PersistJob {
     pub dead_letters: DeadLetters,
     pub readiness: Readiness,
     pub metrics: JobMetrics,
+    pub tracer: BoxedTracer,
+    /// The database name (`db.namespace` of the statements' spans).
+    pub db_name: String,
 }
+
+/// An event in hand with the span of its processing.
+type Event<'a> = (&'a OwnedMessage, OrderValidated, Context);
 
 /// Counts from applying events.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +99,7 @@ impl PersistJob {
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let mut source = Source::new(JOB, &self.kafka.validated_topic, &self.kafka, &self.batch)?;
         self.metrics.watch_lag(JOB, source.lag.clone());
+        self.metrics.start(JOB, &["applied", "duplicate", "dead_lettered"], &["database"]);
         self.readiness.set("consumer", true);
         tracing::info!(topic = %self.kafka.validated_topic, "persist job consuming");
         while let Some(batch) = source.next_batch(&stop).await {
@@ -107,16 +117,21 @@ impl PersistJob {
 
     /// Applies a batch; `false` when stopped before all of it was applied.
     async fn process(&self, batch: &[OwnedMessage], stop: &CancellationToken) -> bool {
-        let mut by_partition: BTreeMap<i32, Vec<(&OwnedMessage, OrderValidated)>> = BTreeMap::new();
+        let mut by_partition: BTreeMap<i32, Vec<Event<'_>>> = BTreeMap::new();
+        let group = format!("{}.{JOB}", self.kafka.group_prefix);
         for msg in batch {
+            let cx = process_span(&self.tracer, &group, msg);
             match decode_validated(
                 header(msg, headers::EVENT_TYPE),
                 header(msg, headers::SCHEMA_VERSION),
                 msg.payload().unwrap_or_default(),
             ) {
-                Ok(ev) => by_partition.entry(msg.partition()).or_default().push((msg, ev)),
+                Ok(ev) => by_partition.entry(msg.partition()).or_default().push((msg, ev, cx)),
                 Err(e) => {
-                    if !dead_letter(&self.dead_letters, JOB, msg, &format!("undecodable: {e}"), stop).await {
+                    let why = format!("undecodable: {e}");
+                    let done = dead_letter(&self.dead_letters, JOB, msg, &why, &cx, stop).await;
+                    telemetry::end(&cx, Some(("dead_lettered", &why)));
+                    if !done {
                         return false;
                     }
                     self.metrics.outcome(JOB, "dead_lettered", 1);
@@ -129,22 +144,50 @@ impl PersistJob {
 
     /// One partition's events in one transaction, retried while the failure is transient; split into single
     /// events when it is permanent. `false` when stopped first.
-    async fn apply_partition(&self, events: Vec<(&OwnedMessage, OrderValidated)>, stop: &CancellationToken) -> bool {
-        let all: Vec<&OrderValidated> = events.iter().map(|(_, e)| e).collect();
-        match self.apply_retrying(&all, stop).await {
+    ///
+    /// The transaction's statement spans are children of one event's process span (the first sampled one): a span
+    /// has one parent, and with ratio sampling a batch rarely holds two sampled events.
+    async fn apply_partition(&self, events: Vec<Event<'_>>, stop: &CancellationToken) -> bool {
+        let all: Vec<&OrderValidated> = events.iter().map(|(_, e, _)| e).collect();
+        let Some(first) = events.first() else { return true };
+        let db_parent =
+            events.iter().map(|(_, _, cx)| cx).find(|cx| cx.span().span_context().is_sampled()).unwrap_or(&first.2);
+        let end_all = |error: Option<(&str, &dyn std::fmt::Display)>| {
+            for (_, _, cx) in &events {
+                telemetry::end(cx, error);
+            }
+        };
+        match self.apply_retrying(&all, db_parent, stop).await {
             Some(Ok(n)) => {
                 self.count(n);
+                end_all(None);
                 true
             }
-            None => false,
+            None => {
+                end_all(Some(("stopped", &"stopped before the batch was applied")));
+                false
+            }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, events = all.len(), "batch refused; applying its events one by one");
-                for (msg, ev) in &events {
-                    match self.apply_retrying(&[ev], stop).await {
-                        None => return false,
-                        Some(Ok(n)) => self.count(n),
+                for (i, (msg, ev, cx)) in events.iter().enumerate() {
+                    match self.apply_retrying(&[ev], cx, stop).await {
+                        None => {
+                            for (_, _, cx) in &events[i..] {
+                                telemetry::end(cx, Some(("stopped", &"stopped before the event was applied")));
+                            }
+                            return false;
+                        }
+                        Some(Ok(n)) => {
+                            self.count(n);
+                            telemetry::end(cx, None);
+                        }
                         Some(Err(e)) => {
-                            if !dead_letter(&self.dead_letters, JOB, *msg, &e, stop).await {
+                            let done = dead_letter(&self.dead_letters, JOB, *msg, &e, cx, stop).await;
+                            telemetry::end(cx, Some(("dead_lettered", &e)));
+                            if !done {
+                                for (_, _, cx) in &events[i + 1..] {
+                                    telemetry::end(cx, Some(("stopped", &"stopped before the event was applied")));
+                                }
                                 return false;
                             }
                             self.metrics.outcome(JOB, "dead_lettered", 1);
@@ -165,16 +208,18 @@ impl PersistJob {
     async fn apply_retrying(
         &self,
         events: &[&OrderValidated],
+        parent: &Context,
         stop: &CancellationToken,
     ) -> Option<Result<Applied, String>> {
         let mut backoff = Backoff::new();
+        let scope = Scope { tracer: &self.tracer, parent, namespace: &self.db_name };
         loop {
             let started = Instant::now();
-            let result = apply(&self.pool, events).await;
+            let result = apply(&self.pool, events, &scope).await;
             let outcome = if result.is_ok() { "commit" } else { "rollback" };
             self.metrics.db_duration.record(
                 started.elapsed().as_secs_f64(),
-                &[KeyValue::new("job", JOB), KeyValue::new("outcome", outcome)],
+                &[KeyValue::new("worker", JOB), KeyValue::new("outcome", outcome)],
             );
             match result {
                 Ok(n) => {
@@ -195,23 +240,34 @@ impl PersistJob {
     }
 }
 
-/// Writes `events` in one transaction, skipping those applied before (or repeated within `events`).
-pub async fn apply(pool: &Pool, events: &[&OrderValidated]) -> Result<Applied, ApplyError> {
+const INBOX: &str = "INSERT INTO processed_events (consumer, event_id) SELECT $1, unnest($2::uuid[])
+             ON CONFLICT DO NOTHING RETURNING event_id";
+const ORDERS: &str = "INSERT INTO orders (id, customer_id, currency, total_cents, status, received_at, validated_at)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                                  $6::timestamptz[], $7::timestamptz[])";
+const ITEMS: &str = "INSERT INTO order_items (order_id, line, sku, qty, unit_price_cents)
+             SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::bigint[])";
+const HISTORY: &str = "INSERT INTO order_status_history (order_id, status, event_id, at, detail)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::timestamptz[], $5::jsonb[])";
+
+/// Writes `events` in one transaction, skipping those applied before (or repeated within `events`). Each
+/// statement is a span in `scope`.
+pub async fn apply(pool: &Pool, events: &[&OrderValidated], scope: &Scope<'_>) -> Result<Applied, ApplyError> {
     let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
+    let tx = scope.run("BEGIN", "BEGIN", client.transaction()).await?;
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-    let inbox = tx
-        .prepare_cached(
-            "INSERT INTO processed_events (consumer, event_id) SELECT $1, unnest($2::uuid[])
-             ON CONFLICT DO NOTHING RETURNING event_id",
-        )
+    let inserted = scope
+        .run("INSERT processed_events", INBOX, async {
+            let inbox = tx.prepare_cached(INBOX).await?;
+            tx.query(&inbox, &[&JOB, &ids]).await
+        })
         .await?;
-    let mut fresh: HashSet<Uuid> = tx.query(&inbox, &[&JOB, &ids]).await?.iter().map(|r| r.get(0)).collect();
+    let mut fresh: HashSet<Uuid> = inserted.iter().map(|r| r.get(0)).collect();
     // `remove` keeps only the first of two copies of one event in the same batch.
     let new: Vec<&OrderValidated> = events.iter().copied().filter(|e| fresh.remove(&e.event_id)).collect();
     let result = Applied { applied: new.len() as u64, duplicates: (events.len() - new.len()) as u64 };
     if new.is_empty() {
-        tx.commit().await?;
+        scope.run("COMMIT", "COMMIT", tx.commit()).await?;
         return Ok(result);
     }
 
@@ -222,14 +278,12 @@ pub async fn apply(pool: &Pool, events: &[&OrderValidated]) -> Result<Applied, A
     let statuses: Vec<&str> = new.iter().map(|e| e.verdict.status()).collect();
     let received: Vec<time::OffsetDateTime> = new.iter().map(|e| e.received_at).collect();
     let validated: Vec<time::OffsetDateTime> = new.iter().map(|e| e.validated_at).collect();
-    let orders = tx
-        .prepare_cached(
-            "INSERT INTO orders (id, customer_id, currency, total_cents, status, received_at, validated_at)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[],
-                                  $6::timestamptz[], $7::timestamptz[])",
-        )
+    scope
+        .run("INSERT orders", ORDERS, async {
+            let orders = tx.prepare_cached(ORDERS).await?;
+            tx.execute(&orders, &[&order_ids, &customers, &currencies, &totals, &statuses, &received, &validated]).await
+        })
         .await?;
-    tx.execute(&orders, &[&order_ids, &customers, &currencies, &totals, &statuses, &received, &validated]).await?;
 
     let lines = new.iter().map(|e| e.order.items.len()).sum();
     let (mut item_orders, mut line_nos, mut skus, mut qtys, mut prices) = (
@@ -248,13 +302,12 @@ pub async fn apply(pool: &Pool, events: &[&OrderValidated]) -> Result<Applied, A
             prices.push(item.unit_price_cents);
         }
     }
-    let items = tx
-        .prepare_cached(
-            "INSERT INTO order_items (order_id, line, sku, qty, unit_price_cents)
-             SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::bigint[])",
-        )
+    scope
+        .run("INSERT order_items", ITEMS, async {
+            let items = tx.prepare_cached(ITEMS).await?;
+            tx.execute(&items, &[&item_orders, &line_nos, &skus, &qtys, &prices]).await
+        })
         .await?;
-    tx.execute(&items, &[&item_orders, &line_nos, &skus, &qtys, &prices]).await?;
 
     // Two history rows per order: received (the command), then the verdict (this event).
     let n = new.len() * 2;
@@ -276,14 +329,13 @@ pub async fn apply(pool: &Pool, events: &[&OrderValidated]) -> Result<Applied, A
         };
         h_detail.extend([None, detail]);
     }
-    let history = tx
-        .prepare_cached(
-            "INSERT INTO order_status_history (order_id, status, event_id, at, detail)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::timestamptz[], $5::jsonb[])",
-        )
+    scope
+        .run("INSERT order_status_history", HISTORY, async {
+            let history = tx.prepare_cached(HISTORY).await?;
+            tx.execute(&history, &[&h_orders, &h_status, &h_events, &h_at, &h_detail]).await
+        })
         .await?;
-    tx.execute(&history, &[&h_orders, &h_status, &h_events, &h_at, &h_detail]).await?;
-    tx.commit().await?;
+    scope.run("COMMIT", "COMMIT", tx.commit()).await?;
     Ok(result)
 }
 

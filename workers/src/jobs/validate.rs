@@ -9,15 +9,18 @@
 
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
+use opentelemetry::global::BoxedTracer;
 use order_contract::{OrderValidated, SCHEMA_VERSION, decode_command, headers};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use service_core::admin::Readiness;
+use service_core::telemetry::{self, Context, SpanKind, TraceContextExt as _};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use super::{JobMetrics, dead_letter};
+use super::{JobMetrics, dead_letter, process_span};
 use crate::config::{BatchConfig, KafkaConfig, RulesConfig};
 use crate::consume::{Backoff, Source, header};
 use crate::dlq::DeadLetters;
@@ -32,6 +35,7 @@ pub struct ValidateJob {
     pub dead_letters: DeadLetters,
     pub readiness: Readiness,
     pub metrics: JobMetrics,
+    pub tracer: BoxedTracer,
 }
 
 /// One record to publish.
@@ -39,6 +43,8 @@ struct Out<'a> {
     topic: &'a str,
     key: String,
     payload: Vec<u8>,
+    /// The PRODUCER span (`send <topic>`), ended when the broker acknowledged the record.
+    span: Context,
     traceparent: Option<String>,
     correlation_id: Option<String>,
 }
@@ -60,6 +66,7 @@ impl ValidateJob {
     pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
         let mut source = Source::new(JOB, &self.kafka.commands_topic, &self.kafka, &self.batch)?;
         self.metrics.watch_lag(JOB, source.lag.clone());
+        self.metrics.start(JOB, &["accepted", "rejected", "dead_lettered"], &["kafka"]);
         let producer = self.producer()?;
         self.readiness.set("consumer", true);
         tracing::info!(topic = %self.kafka.commands_topic, "validate job consuming");
@@ -80,8 +87,12 @@ impl ValidateJob {
     async fn process(&self, producer: &FutureProducer, batch: &[OwnedMessage], stop: &CancellationToken) -> bool {
         let now = OffsetDateTime::now_utc();
         let mut out = Vec::with_capacity(batch.len());
+        let mut spans = Vec::with_capacity(batch.len());
         let (mut accepted, mut rejected, mut dead) = (0, 0, 0);
+        let group = format!("{}.{JOB}", self.kafka.group_prefix);
         for msg in batch {
+            let cx = process_span(&self.tracer, &group, msg);
+            spans.push(cx.clone());
             let command = match decode_command(
                 header(msg, headers::EVENT_TYPE),
                 header(msg, headers::SCHEMA_VERSION),
@@ -89,7 +100,11 @@ impl ValidateJob {
             ) {
                 Ok(c) => c,
                 Err(e) => {
-                    if !dead_letter(&self.dead_letters, JOB, msg, &format!("undecodable: {e}"), stop).await {
+                    let why = format!("undecodable: {e}");
+                    let done = dead_letter(&self.dead_letters, JOB, msg, &why, &cx, stop).await;
+                    telemetry::end(&cx, Some(("dead_lettered", &why)));
+                    spans.pop();
+                    if !done {
                         return false;
                     }
                     dead += 1;
@@ -106,34 +121,61 @@ impl ValidateJob {
                 Ok(p) => p,
                 Err(e) => {
                     // Cannot happen with these types; treated like any message no retry can fix.
-                    if !dead_letter(&self.dead_letters, JOB, msg, &format!("encoding the verdict: {e}"), stop).await {
+                    let why = format!("encoding the verdict: {e}");
+                    let done = dead_letter(&self.dead_letters, JOB, msg, &why, &cx, stop).await;
+                    telemetry::end(&cx, Some(("dead_lettered", &why)));
+                    spans.pop();
+                    if !done {
                         return false;
                     }
                     dead += 1;
                     continue;
                 }
             };
-            let traceparent = header(msg, headers::TRACEPARENT).map(str::to_owned);
             let correlation_id = header(msg, headers::CORRELATION_ID).map(str::to_owned);
             let key = event.order_id.to_string();
             if header(msg, headers::REPLY_TO).is_some() {
-                out.push(Out {
-                    topic: &self.kafka.replies_topic,
-                    key: key.clone(),
-                    payload: payload.clone(),
-                    traceparent: traceparent.clone(),
-                    correlation_id: correlation_id.clone(),
-                });
+                out.push(self.out(
+                    &self.kafka.replies_topic,
+                    &cx,
+                    key.clone(),
+                    payload.clone(),
+                    correlation_id.clone(),
+                ));
             }
-            out.push(Out { topic: &self.kafka.validated_topic, key, payload, traceparent, correlation_id });
+            out.push(self.out(&self.kafka.validated_topic, &cx, key, payload, correlation_id));
         }
-        if !self.publish(producer, out, stop).await {
+        let published = self.publish(producer, out, stop).await;
+        for cx in &spans {
+            telemetry::end(
+                cx,
+                (!published)
+                    .then_some(("stopped", &"stopped before the verdict was acknowledged" as &dyn std::fmt::Display)),
+            );
+        }
+        if !published {
             return false;
         }
         self.metrics.outcome(JOB, "accepted", accepted);
         self.metrics.outcome(JOB, "rejected", rejected);
         self.metrics.outcome(JOB, "dead_lettered", dead);
         true
+    }
+
+    /// A verdict to publish under the message's process span `parent`.
+    fn out<'a>(
+        &self,
+        topic: &'a str,
+        parent: &Context,
+        key: String,
+        payload: Vec<u8>,
+        correlation_id: Option<String>,
+    ) -> Out<'a> {
+        let span = telemetry::start(&self.tracer, format!("send {topic}"), SpanKind::Producer, parent, || {
+            telemetry::kafka_attributes("send", topic, &[("messaging.kafka.message.key", key.clone())])
+        });
+        let traceparent = telemetry::traceparent(&span);
+        Out { topic, key, payload, span, traceparent, correlation_id }
     }
 
     /// Publishes every record, retrying the failed ones with backoff until all are acknowledged or `stop`.
@@ -166,9 +208,21 @@ impl ValidateJob {
             }
             for (delivery, out) in inflight {
                 match delivery.await {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(d)) => {
+                        let span = out.span.span();
+                        if span.is_recording() {
+                            span.set_attribute(KeyValue::new(
+                                "messaging.destination.partition.id",
+                                d.partition.to_string(),
+                            ));
+                            span.set_attribute(KeyValue::new("messaging.kafka.offset", d.offset));
+                        }
+                        telemetry::end(&out.span, None);
+                        service_core::metrics::message_sent(out.topic, None);
+                    }
                     Ok(Err((e, _))) => {
                         tracing::warn!(error = %e, topic = %out.topic, "publishing a verdict failed; retrying");
+                        service_core::metrics::message_sent(out.topic, Some("delivery"));
                         failed.push(out);
                     }
                     Err(_) => failed.push(out), // the producer was dropped: cannot happen while we hold it
@@ -179,6 +233,9 @@ impl ValidateJob {
             }
             self.metrics.retry(JOB, "kafka");
             if !backoff.wait(stop).await {
+                for out in &failed {
+                    telemetry::end(&out.span, Some(("stopped", &"stopped before the broker acknowledged")));
+                }
                 return false;
             }
             // Give librdkafka a moment to refresh metadata before resending.
