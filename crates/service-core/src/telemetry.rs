@@ -12,10 +12,9 @@
 //! validate → persist). When exporting is off the propagation still works (spans are no-ops that keep the
 //! incoming context), so a trace started elsewhere is not broken by a service that does not export.
 
-use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{Span as _, SpanContext, Status, Tracer as _};
 pub use opentelemetry::trace::{SpanKind, TraceContextExt};
 pub use opentelemetry::{Context, KeyValue};
@@ -198,14 +197,6 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-struct MapInjector<'a>(&'a mut HashMap<String, String>);
-
-impl Injector for MapInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key.to_owned(), value);
-    }
-}
-
 struct TraceparentExtractor<'a>(&'a str);
 
 impl Extractor for TraceparentExtractor<'_> {
@@ -246,14 +237,12 @@ pub fn from_traceparent(traceparent: Option<&str>) -> Context {
     }
 }
 
-/// The `traceparent` value naming the context's current span, if it has a valid one.
+/// The `traceparent` value naming the context's current span, if it has a valid one (formatted directly: this
+/// runs for every request, sampled or not).
 pub fn traceparent(cx: &Context) -> Option<String> {
-    if !cx.span().span_context().is_valid() {
-        return None;
-    }
-    let mut map = HashMap::new();
-    TraceContextPropagator::new().inject_context(cx, &mut MapInjector(&mut map));
-    map.remove("traceparent")
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
 }
 
 /// The ids that logs of a span carry (`trace_id`, `span_id` in hex), empty when the context has no valid span.
@@ -268,8 +257,13 @@ pub fn log_ids(span: &SpanContext) -> (String, String) {
 /// A `tracing` span whose fields are the OpenTelemetry ids of `cx`, entered while handling a request or a
 /// message so that every log line written meanwhile carries `trace_id` and `span_id`.
 pub fn log_span(cx: &Context) -> tracing::Span {
-    let (trace_id, span_id) = log_ids(cx.span().span_context());
-    tracing::info_span!("trace", trace_id = %trace_id, span_id = %span_id)
+    let span = cx.span();
+    let sc = span.span_context();
+    if !sc.is_valid() {
+        return tracing::info_span!("trace", trace_id = "", span_id = "");
+    }
+    // Formatted only if the span is enabled and recorded by the subscriber.
+    tracing::info_span!("trace", trace_id = %sc.trace_id(), span_id = %sc.span_id())
 }
 
 #[cfg(test)]
