@@ -16,7 +16,7 @@ use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 use service_core::problem::Problem;
-use service_core::telemetry::{self, Context, SpanKind, TraceContextExt as _};
+use service_core::telemetry::{self, Context, TraceContextExt as _};
 use tracing::Instrument as _;
 
 use crate::ratelimit::{self, Applied, LimitMetrics};
@@ -160,7 +160,7 @@ impl ProxyHttp for EdgeProxy {
         }
         match error {
             Some(e) => telemetry::end(&ctx.trace, Some((error_type(e), e))),
-            None if status >= 500 => telemetry::end(&ctx.trace, Some((status_text(status), &status))),
+            None if status >= 500 => telemetry::end(&ctx.trace, Some((&status.to_string(), &status))),
             None => telemetry::end(&ctx.trace, None),
         }
         let method = session.req_header().method.as_str().to_owned();
@@ -183,51 +183,22 @@ impl EdgeProxy {
     /// Starts the request's SERVER span, continuing the client's `traceparent` when it sent a valid one.
     fn server_span(&self, session: &Session, request_id: &str) -> Context {
         let req = session.req_header();
-        let parent = telemetry::extract_http(&req.headers);
-        let name = span_name(&req.method);
-        telemetry::start(&self.tracer, name, SpanKind::Server, &parent, || {
-            let mut v = vec![
-                KeyValue::new("http.request.method", if name == "HTTP" { "_OTHER" } else { name }),
-                KeyValue::new("url.path", req.uri.path().to_owned()),
-                KeyValue::new("url.scheme", "https"),
-                KeyValue::new("network.protocol.version", protocol_version(req.version)),
-                KeyValue::new("http.request.header.x-request-id", request_id.to_owned()),
-            ];
+        let http = telemetry::HttpRequest {
+            method: &req.method,
+            uri: &req.uri,
+            version: req.version,
+            headers: &req.headers,
+            scheme: "https",
+        };
+        telemetry::http_server_span(&self.tracer, &http, |v| {
+            v.push(KeyValue::new("http.request.header.x-request-id", request_id.to_owned()));
             if let Some(host) = header(req, "host").or_else(|| req.uri.host()) {
                 v.push(KeyValue::new("server.address", host.to_owned()));
-            }
-            if let Some(ua) = header(req, "user-agent") {
-                v.push(KeyValue::new("user_agent.original", ua.to_owned()));
             }
             if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
                 v.push(KeyValue::new("network.peer.address", peer.ip().to_string()));
             }
-            v
         })
-    }
-}
-
-/// The span name of the semantic conventions without a route: the method, `HTTP` for unknown ones.
-fn span_name(method: &http::Method) -> &'static str {
-    match method.as_str() {
-        "GET" => "GET",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "DELETE" => "DELETE",
-        "HEAD" => "HEAD",
-        "OPTIONS" => "OPTIONS",
-        "PATCH" => "PATCH",
-        "CONNECT" => "CONNECT",
-        "TRACE" => "TRACE",
-        _ => "HTTP",
-    }
-}
-
-fn protocol_version(v: http::Version) -> &'static str {
-    match v {
-        http::Version::HTTP_10 => "1.0",
-        http::Version::HTTP_2 => "2",
-        _ => "1.1",
     }
 }
 
@@ -236,15 +207,6 @@ fn error_type(e: &pingora::Error) -> &'static str {
         ErrorSource::Upstream => "upstream",
         ErrorSource::Downstream => "downstream",
         _ => "internal",
-    }
-}
-
-fn status_text(status: u16) -> &'static str {
-    match status {
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        _ => "500",
     }
 }
 

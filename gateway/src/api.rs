@@ -13,7 +13,7 @@ use opentelemetry::metrics::Histogram;
 use order_contract::{OrderCommand, OrderRequest};
 use service_core::db::trace::Scope;
 use service_core::problem::{self, Problem};
-use service_core::telemetry::{self, Context, SpanKind, TraceContextExt as _};
+use service_core::telemetry::{self, Context, TraceContextExt as _};
 use tracing::Instrument as _;
 
 use crate::auth::{AuthError, Verifier};
@@ -51,21 +51,17 @@ impl Api {
         let started = Instant::now();
         let method = req.method().clone();
         // The server span continues the edge's trace (its `traceparent`); logs written meanwhile carry its ids.
-        let parent = telemetry::extract_http(req.headers());
-        let cx = telemetry::start(&self.tracer, method.as_str().to_owned(), SpanKind::Server, &parent, || {
-            let mut v = vec![
-                KeyValue::new("http.request.method", method.as_str().to_owned()),
-                KeyValue::new("url.path", req.uri().path().to_owned()),
-                KeyValue::new("url.scheme", "http"),
-                KeyValue::new("network.protocol.version", protocol_version(req.version())),
-            ];
-            if let Some(ua) = header_str(&req, header::USER_AGENT) {
-                v.push(KeyValue::new("user_agent.original", ua.to_owned()));
-            }
+        let http = telemetry::HttpRequest {
+            method: req.method(),
+            uri: req.uri(),
+            version: req.version(),
+            headers: req.headers(),
+            scheme: "http",
+        };
+        let cx = telemetry::http_server_span(&self.tracer, &http, |v| {
             if let Some(id) = header_str(&req, "x-request-id") {
                 v.push(KeyValue::new("http.request.header.x-request-id", id.to_owned()));
             }
-            v
         });
         let (route, response) = self.route(req, &cx).instrument(telemetry::log_span(&cx)).await;
         let status = response.status();
@@ -284,15 +280,6 @@ fn verdict_response(v: &order_contract::OrderValidated) -> Response<Body> {
                 .with("id", serde_json::json!(v.order_id))
                 .with("errors", serde_json::json!(failures)),
         ),
-    }
-}
-
-fn protocol_version(v: http::Version) -> &'static str {
-    match v {
-        http::Version::HTTP_10 => "1.0",
-        http::Version::HTTP_2 => "2",
-        http::Version::HTTP_3 => "3",
-        _ => "1.1",
     }
 }
 

@@ -111,12 +111,7 @@ pub struct KafkaConfig {
 impl KafkaConfig {
     /// A librdkafka configuration with `bootstrap.servers` and the extra `properties`.
     pub fn client(&self) -> rdkafka::ClientConfig {
-        let mut c = rdkafka::ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers);
-        for (k, v) in &self.properties {
-            c.set(service_core::config::kafka_property_name(k), v);
-        }
-        c
+        service_core::config::kafka_client(&self.brokers, &self.properties)
     }
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import chartlib
 
 
@@ -11,38 +13,23 @@ def test_probes_use_real_admin_paths(r):
     assert not problems, "\n".join(problems)
 
 
-def test_ports_agree(r):
-    problems = chartlib.check_ports(r)
-    assert not problems, "\n".join(problems)
-
-
-def test_restricted_security(r):
-    problems = chartlib.check_security(r)
-    assert not problems, "\n".join(problems)
-
-
-def test_policy_configmap(r):
-    problems = chartlib.check_policy_configmap(r)
-    assert not problems, "\n".join(problems)
-
-
-def test_env_names_are_config_keys(r):
-    problems = chartlib.check_env_keys(r)
-    assert not problems, "\n".join(problems)
-
-
-def test_termination_grace_exceeds_drain(r):
-    problems = chartlib.check_termination(r)
-    assert not problems, "\n".join(problems)
-
-
-def test_edge_session_affinity(r):
-    problems = chartlib.check_session_affinity(r)
-    assert not problems, "\n".join(problems)
-
-
-def test_network_policies(r):
-    problems = chartlib.check_network_policies(r)
+@pytest.mark.parametrize(
+    "check",
+    [
+        chartlib.check_ports,
+        chartlib.check_security,
+        chartlib.check_policy_configmap,
+        chartlib.check_env_keys,
+        chartlib.check_termination,
+        chartlib.check_session_affinity,
+        chartlib.check_network_policies,
+    ],
+    ids=lambda check: check.__name__.removeprefix("check_"),
+)
+def test_chart_check(r, check):
+    """Ports agree, restricted security, the policy ConfigMap, env names that are config keys, grace periods
+    longer than drains, the edge's session affinity, network policies: each check lists its problems."""
+    problems = check(r)
     assert not problems, "\n".join(problems)
 
 

@@ -84,6 +84,8 @@ fn describe(tpl: &TopicPartitionList) -> String {
 pub struct Source {
     consumer: StreamConsumer<JobContext>,
     topic: String,
+    /// The consumer group, `{group_prefix}.{job}`.
+    pub group: String,
     /// The lagging partitions we do not hold and their progress, as last seen while idle.
     idle_snapshot: Option<Vec<(i32, i64, i64)>>,
     ahead: VecDeque<OwnedMessage>,
@@ -99,9 +101,10 @@ impl Source {
     /// A consumer in group `{group_prefix}.{job}` subscribed to `topic`.
     pub fn new(job: &'static str, topic: &str, kafka: &KafkaConfig, batch: &BatchConfig) -> Result<Self, KafkaError> {
         let lag = Lag::default();
+        let group = format!("{}.{job}", kafka.group_prefix);
         let consumer: StreamConsumer<JobContext> = kafka
             .client()
-            .set("group.id", format!("{}.{job}", kafka.group_prefix))
+            .set("group.id", &group)
             .set("client.id", format!("workers-{job}"))
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
@@ -117,6 +120,7 @@ impl Source {
         Ok(Self {
             consumer,
             topic: topic.to_owned(),
+            group,
             idle_snapshot: None,
             ahead: VecDeque::new(),
             next: HashMap::new(),

@@ -21,7 +21,6 @@ pub enum ConfigError {
     Invalid(Box<figment::Error>),
 }
 
-/// Loads a service's configuration: defaults, then `file` (must exist when given), then `{prefix}*` variables.
 /// A librdkafka property name from a configuration key: `_` stands for `.` (librdkafka names have no `_`), so that
 /// `SERVICE_KAFKA__PROPERTIES__BATCH_NUM_MESSAGES=1` sets `batch.num.messages` from the environment.
 pub fn kafka_property_name(key: &str) -> String {
@@ -57,6 +56,19 @@ where
         .collect())
 }
 
+/// The librdkafka configuration every client of a service starts from: `bootstrap.servers`, then the
+/// `kafka.properties` of its configuration (feature `kafka`).
+#[cfg(feature = "kafka")]
+pub fn kafka_client(brokers: &str, properties: &std::collections::BTreeMap<String, String>) -> rdkafka::ClientConfig {
+    let mut c = rdkafka::ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in properties {
+        c.set(kafka_property_name(k), v);
+    }
+    c
+}
+
+/// Loads a service's configuration: defaults, then `file` (must exist when given), then `{prefix}*` variables.
 pub fn load<T>(file: Option<&Path>, env_prefix: &str) -> Result<T, ConfigError>
 where
     T: Serialize + DeserializeOwned + Default,

@@ -55,49 +55,6 @@ pub mod trace {
 
     use crate::telemetry::{self, Context, KeyValue, SpanKind, TraceContextExt as _};
 
-    /// Starts the span of one statement. `summary` is `OPERATION collection` (`SELECT orders`); `query` is the
-    /// statement's text with placeholders (never the values).
-    pub fn start(
-        tracer: &opentelemetry::global::BoxedTracer,
-        parent: &Context,
-        namespace: &str,
-        summary: &'static str,
-        query: &'static str,
-    ) -> Context {
-        telemetry::start(tracer, summary, SpanKind::Client, parent, || {
-            let mut parts = summary.splitn(2, ' ');
-            let operation = parts.next().unwrap_or(summary);
-            let mut v = vec![
-                KeyValue::new("db.system.name", "postgresql"),
-                KeyValue::new("db.namespace", namespace.to_owned()),
-                KeyValue::new("db.operation.name", operation),
-                KeyValue::new("db.query.summary", summary),
-                KeyValue::new("db.query.text", query),
-            ];
-            if let Some(collection) = parts.next() {
-                v.push(KeyValue::new("db.collection.name", collection));
-            }
-            v
-        })
-    }
-
-    /// Ends the span, with the SQLSTATE of a failed statement (`db.response.status_code`).
-    pub fn end<T>(cx: &Context, result: &Result<T, tokio_postgres::Error>) {
-        if let Err(e) = result {
-            let span = cx.span();
-            if span.is_recording() {
-                let code = e.code().map(|c| c.code().to_owned());
-                if let Some(code) = &code {
-                    span.set_attribute(KeyValue::new("db.response.status_code", code.clone()));
-                }
-                let kind = code.unwrap_or_else(|| "connection".to_owned());
-                telemetry::end(cx, Some((&kind, e)));
-                return;
-            }
-        }
-        telemetry::end(cx, None);
-    }
-
     /// Where a unit of work's statements put their spans.
     pub struct Scope<'a> {
         pub tracer: &'a opentelemetry::global::BoxedTracer,
@@ -108,25 +65,56 @@ pub mod trace {
     }
 
     impl Scope<'_> {
-        /// Runs `statement` (which may prepare, then execute) inside the span of `summary` / `query`.
+        /// Runs `statement` (which may prepare, then execute) inside a CLIENT span named `summary`
+        /// (`OPERATION collection`, e.g. `SELECT orders`), with `query` the statement's text with placeholders
+        /// (never the values), and records its duration.
         pub async fn run<T>(
             &self,
             summary: &'static str,
             query: &'static str,
             statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
         ) -> Result<T, tokio_postgres::Error> {
-            let cx = start(self.tracer, self.parent, self.namespace, summary, query);
+            let cx = telemetry::start(self.tracer, summary, SpanKind::Client, self.parent, || {
+                let mut v = statement_attributes(summary);
+                v.push(KeyValue::new("db.namespace", self.namespace.to_owned()));
+                v.push(KeyValue::new("db.query.summary", summary));
+                v.push(KeyValue::new("db.query.text", query));
+                v
+            });
             let started = std::time::Instant::now();
             let result = statement.await;
-            record(summary, started.elapsed().as_secs_f64(), &result);
-            end(&cx, &result);
+            // `error.type`: the SQLSTATE of a statement the server refused, `connection` when it never answered.
+            let error_type = result
+                .as_ref()
+                .err()
+                .map(|e| e.code().map_or_else(|| "connection".to_owned(), |c| c.code().to_owned()));
+            record(summary, started.elapsed().as_secs_f64(), error_type.as_deref());
+            match (&result, &error_type) {
+                (Err(e), Some(kind)) => {
+                    if e.code().is_some() && cx.span().is_recording() {
+                        cx.span().set_attribute(KeyValue::new("db.response.status_code", kind.clone()));
+                    }
+                    telemetry::end(&cx, Some((kind, e)));
+                }
+                _ => telemetry::end(&cx, None),
+            }
             result
         }
     }
 
+    /// `db.system.name`, `db.operation.name` and `db.collection.name` of a statement's `summary`.
+    fn statement_attributes(summary: &'static str) -> Vec<KeyValue> {
+        let (operation, collection) = summary.split_once(' ').map_or((summary, None), |(o, c)| (o, Some(c)));
+        let mut v = vec![KeyValue::new("db.system.name", "postgresql"), KeyValue::new("db.operation.name", operation)];
+        if let Some(collection) = collection {
+            v.push(KeyValue::new("db.collection.name", collection));
+        }
+        v
+    }
+
     /// `db.client.operation.duration{db.operation.name, db.collection.name, error.type}` (seconds): statements
     /// by type and table, for the database dashboard.
-    fn record<T>(summary: &'static str, seconds: f64, result: &Result<T, tokio_postgres::Error>) {
+    fn record(summary: &'static str, seconds: f64, error_type: Option<&str>) {
         static DURATION: OnceLock<Histogram<f64>> = OnceLock::new();
         let histogram = DURATION.get_or_init(|| {
             opentelemetry::global::meter("postgresql")
@@ -136,17 +124,9 @@ pub mod trace {
                 .with_boundaries(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
                 .build()
         });
-        let mut parts = summary.splitn(2, ' ');
-        let mut attrs = vec![
-            KeyValue::new("db.system.name", "postgresql"),
-            KeyValue::new("db.operation.name", parts.next().unwrap_or(summary)),
-        ];
-        if let Some(collection) = parts.next() {
-            attrs.push(KeyValue::new("db.collection.name", collection));
-        }
-        if let Err(e) = result {
-            let code = e.code().map_or_else(|| "connection".to_owned(), |c| c.code().to_owned());
-            attrs.push(KeyValue::new("error.type", code));
+        let mut attrs = statement_attributes(summary);
+        if let Some(kind) = error_type {
+            attrs.push(KeyValue::new("error.type", kind.to_owned()));
         }
         histogram.record(seconds, &attrs);
     }

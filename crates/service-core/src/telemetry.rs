@@ -86,9 +86,9 @@ pub fn resource(service: &'static str) -> Resource {
     static INSTANCE: OnceLock<String> = OnceLock::new();
     let detected = Resource::builder().build();
     let mut builder = Resource::builder();
-    let named = env("OTEL_SERVICE_NAME").is_some()
-        || env("OTEL_RESOURCE_ATTRIBUTES")
-            .is_some_and(|a| a.split(',').any(|kv| kv.trim().starts_with("service.name=")));
+    // The SDK's detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, else fall back to
+    // `unknown_service:<executable>`.
+    let named = detected.get(&"service.name".into()).is_some_and(|n| !n.as_str().starts_with("unknown_service"));
     if !named {
         builder = builder.with_service_name(service);
     }
@@ -153,6 +153,65 @@ pub fn start(
         span.set_attributes(attributes());
     }
     parent.with_span(span)
+}
+
+/// What an HTTP SERVER span is made of: the request's line and headers, and the scheme it came in on.
+pub struct HttpRequest<'a> {
+    pub method: &'a http::Method,
+    pub uri: &'a http::Uri,
+    pub version: http::Version,
+    pub headers: &'a http::HeaderMap,
+    pub scheme: &'static str,
+}
+
+/// Starts the SERVER span of an HTTP request, continuing the `traceparent` it carries. The name is the method
+/// (the semantic conventions' name without a route; `HTTP` for an unknown method); the attributes are the
+/// request's, then those `extra` adds (all built only for a sampled span).
+pub fn http_server_span(
+    tracer: &opentelemetry::global::BoxedTracer,
+    req: &HttpRequest<'_>,
+    extra: impl FnOnce(&mut Vec<KeyValue>),
+) -> Context {
+    let parent = extract_http(req.headers);
+    let name = http_span_name(req.method);
+    start(tracer, name, SpanKind::Server, &parent, || {
+        let mut v = vec![
+            KeyValue::new("http.request.method", if name == "HTTP" { "_OTHER" } else { name }),
+            KeyValue::new("url.path", req.uri.path().to_owned()),
+            KeyValue::new("url.scheme", req.scheme),
+            KeyValue::new("network.protocol.version", http_protocol_version(req.version)),
+        ];
+        if let Some(ua) = req.headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()) {
+            v.push(KeyValue::new("user_agent.original", ua.to_owned()));
+        }
+        extra(&mut v);
+        v
+    })
+}
+
+fn http_span_name(method: &http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "PATCH" => "PATCH",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "HTTP",
+    }
+}
+
+/// `network.protocol.version` of an HTTP version.
+fn http_protocol_version(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
 }
 
 /// Ends the current span of `cx`; with an error, marks it failed with the semantic conventions' `error.type`.
@@ -312,6 +371,17 @@ mod tests {
         let (trace_id, span_id) = log_ids(cx.span().span_context());
         assert_eq!((trace_id.as_str(), span_id), ("4bf92f3577b34da6a3ce929d0e0e4736", child_id.to_string()));
         cx.span().end();
+    }
+
+    #[test]
+    fn the_service_names_itself_unless_the_environment_does() {
+        let name = resource("unit").get(&"service.name".into()).map(|v| v.as_str().into_owned());
+        match std::env::var("OTEL_SERVICE_NAME") {
+            Ok(from_env) => assert_eq!(name, Some(from_env)),
+            // Not the SDK's fallback `unknown_service:<executable>`.
+            Err(_) if std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_err() => assert_eq!(name.as_deref(), Some("unit")),
+            Err(_) => assert!(name.is_some_and(|n| !n.starts_with("unknown_service"))),
+        }
     }
 
     #[test]

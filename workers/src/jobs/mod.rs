@@ -119,7 +119,8 @@ impl JobMetrics {
     }
 }
 
-/// Sends `msg` to the dead-letter topic, retrying until the broker confirms; `false` when stopped first.
+/// Sends `msg` to the dead-letter topic, retrying until the broker confirms, and ends its process span `cx` as
+/// dead-lettered; `false` when stopped first.
 async fn dead_letter(
     dlq: &DeadLetters,
     job: &'static str,
@@ -150,7 +151,9 @@ async fn dead_letter(
             }
         }
     };
-    attempt.instrument(telemetry::log_span(cx)).await
+    let done = attempt.instrument(telemetry::log_span(cx)).await;
+    telemetry::end(cx, Some(("dead_lettered", &why)));
+    done
 }
 
 /// The CONSUMER span of processing one message (`process <topic>`), continuing the trace its `traceparent`

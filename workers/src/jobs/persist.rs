@@ -87,6 +87,15 @@ pub struct PersistJob {
 /// An event in hand with the span of its processing.
 type Event<'a> = (&'a OwnedMessage, OrderValidated, Context);
 
+const STOPPED: &str = "stopped before the event was applied";
+
+/// Ends the process spans of `events`, with `error` when they were not applied.
+fn end_spans(events: &[Event<'_>], error: Option<(&str, &dyn std::fmt::Display)>) {
+    for (_, _, cx) in events {
+        telemetry::end(cx, error);
+    }
+}
+
 /// Counts from applying events.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Applied {
@@ -102,9 +111,10 @@ impl PersistJob {
         self.metrics.start(JOB, &["applied", "duplicate", "dead_lettered"], &["database"]);
         self.readiness.set("consumer", true);
         tracing::info!(topic = %self.kafka.validated_topic, "persist job consuming");
+        let group = source.group.clone();
         while let Some(batch) = source.next_batch(&stop).await {
             self.metrics.batch(JOB, batch.len());
-            if !source.while_working(self.process(&batch, &stop)).await {
+            if !source.while_working(self.process(&batch, &group, &stop)).await {
                 break;
             }
             source.done(&batch);
@@ -116,11 +126,10 @@ impl PersistJob {
     }
 
     /// Applies a batch; `false` when stopped before all of it was applied.
-    async fn process(&self, batch: &[OwnedMessage], stop: &CancellationToken) -> bool {
+    async fn process(&self, batch: &[OwnedMessage], group: &str, stop: &CancellationToken) -> bool {
         let mut by_partition: BTreeMap<i32, Vec<Event<'_>>> = BTreeMap::new();
-        let group = format!("{}.{JOB}", self.kafka.group_prefix);
         for msg in batch {
-            let cx = process_span(&self.tracer, &group, msg);
+            let cx = process_span(&self.tracer, group, msg);
             match decode_validated(
                 header(msg, headers::EVENT_TYPE),
                 header(msg, headers::SCHEMA_VERSION),
@@ -128,10 +137,7 @@ impl PersistJob {
             ) {
                 Ok(ev) => by_partition.entry(msg.partition()).or_default().push((msg, ev, cx)),
                 Err(e) => {
-                    let why = format!("undecodable: {e}");
-                    let done = dead_letter(&self.dead_letters, JOB, msg, &why, &cx, stop).await;
-                    telemetry::end(&cx, Some(("dead_lettered", &why)));
-                    if !done {
+                    if !dead_letter(&self.dead_letters, JOB, msg, &format!("undecodable: {e}"), &cx, stop).await {
                         return false;
                     }
                     self.metrics.outcome(JOB, "dead_lettered", 1);
@@ -152,19 +158,14 @@ impl PersistJob {
         let Some(first) = events.first() else { return true };
         let db_parent =
             events.iter().map(|(_, _, cx)| cx).find(|cx| cx.span().span_context().is_sampled()).unwrap_or(&first.2);
-        let end_all = |error: Option<(&str, &dyn std::fmt::Display)>| {
-            for (_, _, cx) in &events {
-                telemetry::end(cx, error);
-            }
-        };
         match self.apply_retrying(&all, db_parent, stop).await {
             Some(Ok(n)) => {
                 self.count(n);
-                end_all(None);
+                end_spans(&events, None);
                 true
             }
             None => {
-                end_all(Some(("stopped", &"stopped before the batch was applied")));
+                end_spans(&events, Some(("stopped", &STOPPED)));
                 false
             }
             Some(Err(e)) => {
@@ -172,9 +173,7 @@ impl PersistJob {
                 for (i, (msg, ev, cx)) in events.iter().enumerate() {
                     match self.apply_retrying(&[ev], cx, stop).await {
                         None => {
-                            for (_, _, cx) in &events[i..] {
-                                telemetry::end(cx, Some(("stopped", &"stopped before the event was applied")));
-                            }
+                            end_spans(&events[i..], Some(("stopped", &STOPPED)));
                             return false;
                         }
                         Some(Ok(n)) => {
@@ -182,12 +181,8 @@ impl PersistJob {
                             telemetry::end(cx, None);
                         }
                         Some(Err(e)) => {
-                            let done = dead_letter(&self.dead_letters, JOB, *msg, &e, cx, stop).await;
-                            telemetry::end(cx, Some(("dead_lettered", &e)));
-                            if !done {
-                                for (_, _, cx) in &events[i + 1..] {
-                                    telemetry::end(cx, Some(("stopped", &"stopped before the event was applied")));
-                                }
+                            if !dead_letter(&self.dead_letters, JOB, *msg, &e, cx, stop).await {
+                                end_spans(&events[i + 1..], Some(("stopped", &STOPPED)));
                                 return false;
                             }
                             self.metrics.outcome(JOB, "dead_lettered", 1);

@@ -70,9 +70,10 @@ impl ValidateJob {
         let producer = self.producer()?;
         self.readiness.set("consumer", true);
         tracing::info!(topic = %self.kafka.commands_topic, "validate job consuming");
+        let group = source.group.clone();
         while let Some(batch) = source.next_batch(&stop).await {
             self.metrics.batch(JOB, batch.len());
-            if !source.while_working(self.process(&producer, &batch, &stop)).await {
+            if !source.while_working(self.process(&producer, &batch, &group, &stop)).await {
                 break;
             }
             source.done(&batch);
@@ -84,54 +85,34 @@ impl ValidateJob {
     }
 
     /// Validates and publishes a batch; `false` when stopped before every verdict was acknowledged.
-    async fn process(&self, producer: &FutureProducer, batch: &[OwnedMessage], stop: &CancellationToken) -> bool {
+    async fn process(
+        &self,
+        producer: &FutureProducer,
+        batch: &[OwnedMessage],
+        group: &str,
+        stop: &CancellationToken,
+    ) -> bool {
         let now = OffsetDateTime::now_utc();
         let mut out = Vec::with_capacity(batch.len());
         let mut spans = Vec::with_capacity(batch.len());
         let (mut accepted, mut rejected, mut dead) = (0, 0, 0);
-        let group = format!("{}.{JOB}", self.kafka.group_prefix);
         for msg in batch {
-            let cx = process_span(&self.tracer, &group, msg);
-            spans.push(cx.clone());
-            let command = match decode_command(
-                header(msg, headers::EVENT_TYPE),
-                header(msg, headers::SCHEMA_VERSION),
-                msg.payload().unwrap_or_default(),
-            ) {
-                Ok(c) => c,
-                Err(e) => {
-                    let why = format!("undecodable: {e}");
-                    let done = dead_letter(&self.dead_letters, JOB, msg, &why, &cx, stop).await;
-                    telemetry::end(&cx, Some(("dead_lettered", &why)));
-                    spans.pop();
-                    if !done {
+            let cx = process_span(&self.tracer, group, msg);
+            let (event, payload) = match self.verdict(msg, now) {
+                Ok(v) => v,
+                Err(why) => {
+                    if !dead_letter(&self.dead_letters, JOB, msg, &why, &cx, stop).await {
                         return false;
                     }
                     dead += 1;
                     continue;
                 }
             };
-            let verdict = rules::validate(&command, &self.rules);
-            match verdict {
+            match event.verdict {
                 order_contract::Verdict::Accepted => accepted += 1,
                 order_contract::Verdict::Rejected { .. } => rejected += 1,
             }
-            let event = OrderValidated::new(command, verdict, now);
-            let payload = match serde_json::to_vec(&event) {
-                Ok(p) => p,
-                Err(e) => {
-                    // Cannot happen with these types; treated like any message no retry can fix.
-                    let why = format!("encoding the verdict: {e}");
-                    let done = dead_letter(&self.dead_letters, JOB, msg, &why, &cx, stop).await;
-                    telemetry::end(&cx, Some(("dead_lettered", &why)));
-                    spans.pop();
-                    if !done {
-                        return false;
-                    }
-                    dead += 1;
-                    continue;
-                }
-            };
+            spans.push(cx.clone());
             let correlation_id = header(msg, headers::CORRELATION_ID).map(str::to_owned);
             let key = event.order_id.to_string();
             if header(msg, headers::REPLY_TO).is_some() {
@@ -160,6 +141,21 @@ impl ValidateJob {
         self.metrics.outcome(JOB, "rejected", rejected);
         self.metrics.outcome(JOB, "dead_lettered", dead);
         true
+    }
+
+    /// The verdict on one command and its encoding, or why the message can only be dead-lettered.
+    fn verdict(&self, msg: &OwnedMessage, now: OffsetDateTime) -> Result<(OrderValidated, Vec<u8>), String> {
+        let command = decode_command(
+            header(msg, headers::EVENT_TYPE),
+            header(msg, headers::SCHEMA_VERSION),
+            msg.payload().unwrap_or_default(),
+        )
+        .map_err(|e| format!("undecodable: {e}"))?;
+        let verdict = rules::validate(&command, &self.rules);
+        let event = OrderValidated::new(command, verdict, now);
+        // Encoding cannot fail with these types; if it did, no retry could fix it.
+        let payload = serde_json::to_vec(&event).map_err(|e| format!("encoding the verdict: {e}"))?;
+        Ok((event, payload))
     }
 
     /// A verdict to publish under the message's process span `parent`.
