@@ -121,7 +121,7 @@ impl Api {
     /// `POST /v1/orders/async` (`sync` false): `202` once the broker has the command. `POST /v1/orders`
     /// (`sync` true): then waits for the validate job's verdict: `201`, `422`, or `504` after the timeout.
     async fn create(&self, req: Request<Incoming>, sync: bool, cx: &Context) -> Response<Body> {
-        let principal = match self.verifier.authenticate(header_str(&req, header::AUTHORIZATION)) {
+        let principal = match self.verifier.authenticate(header_str(&req, header::AUTHORIZATION)).await {
             Ok(p) => p,
             Err(e) => return auth_failure(&e),
         };
@@ -171,7 +171,7 @@ impl Api {
     }
 
     async fn get_order(&self, req: &Request<Incoming>, id: &str, cx: &Context) -> Response<Body> {
-        let principal = match self.verifier.authenticate(header_str(req, header::AUTHORIZATION)) {
+        let principal = match self.verifier.authenticate(header_str(req, header::AUTHORIZATION)).await {
             Ok(p) => p,
             Err(e) => return auth_failure(&e),
         };

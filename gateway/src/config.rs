@@ -69,10 +69,15 @@ pub struct AuthConfig {
     pub audience: String,
     /// JWKS from a file (the local stack) ...
     pub jwks_file: Option<PathBuf>,
-    /// ... or from a URL (Keycloak: `{issuer}/protocol/openid-connect/certs`). The URL wins when both are set.
+    /// ... or from a URL (Keycloak: `{issuer}/protocol/openid-connect/certs`). The URL wins over the others.
     pub jwks_url: Option<String>,
+    /// ... or from the `jwks_uri` of the issuer's OIDC discovery document (`{issuer}/.well-known/openid-configuration`,
+    /// whose `issuer` must equal `issuer`). Wins over `jwks_file`.
+    pub discovery: bool,
     /// How often the key set is reloaded.
     pub jwks_refresh_secs: u64,
+    /// A token signed by an unknown key reloads the set at once, but at most once per this many seconds.
+    pub jwks_min_refresh_secs: u64,
     /// Clock skew tolerated on `exp` and `nbf`.
     pub leeway_secs: u64,
 }
@@ -84,7 +89,9 @@ impl Default for AuthConfig {
             audience: "orders-api".into(),
             jwks_file: Some(PathBuf::from(".stack/jwks.json")),
             jwks_url: None,
+            discovery: false,
             jwks_refresh_secs: 300,
+            jwks_min_refresh_secs: 10,
             leeway_secs: 30,
         }
     }

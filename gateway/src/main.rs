@@ -56,12 +56,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("binding admin listener {}", config.admin_listen))?;
 
-    let source = match (&config.auth.jwks_url, &config.auth.jwks_file) {
-        (Some(url), _) => KeySource::Url(url.clone()),
-        (None, Some(file)) => KeySource::File(file.clone()),
-        (None, None) => anyhow::bail!("auth: set jwks_url or jwks_file"),
+    let auth = &config.auth;
+    let source = match (&auth.jwks_url, auth.discovery, &auth.jwks_file) {
+        (Some(url), _, _) => KeySource::Url(url.clone()),
+        (None, true, _) => KeySource::Discovery { issuer: auth.issuer.clone() },
+        (None, false, Some(file)) => KeySource::File(file.clone()),
+        (None, false, None) => anyhow::bail!("auth: set jwks_url, discovery or jwks_file"),
     };
-    let keys = KeyStore::new(source);
+    let keys = KeyStore::new(source, Duration::from_secs(auth.jwks_min_refresh_secs));
     {
         let readiness = readiness.clone();
         let every = Duration::from_secs(config.auth.jwks_refresh_secs.max(1));

@@ -225,3 +225,17 @@ def test_packaged_chart_carries_the_symlinked_files(tmp_path):
         assert "orders-edge/files/policies/default.toml" in names, names
         member = tar.extractfile("orders-edge/files/policies/default.toml")
         assert member.read().decode() == (chartlib.ROOT / "policies" / "default.toml").read_text()
+
+
+def test_gateway_keys_from_url_or_discovery():
+    def gateway_env(r):
+        c = r.get("Deployment", "orders-edge-gateway").doc["spec"]["template"]["spec"]["containers"][0]
+        return chartlib.container_env(r, c)
+
+    env = gateway_env(rendered("default"))
+    assert env["GATEWAY_AUTH__JWKS_URL"] == "https://keycloak.example.com/realms/orders/protocol/openid-connect/certs"
+    assert "GATEWAY_AUTH__DISCOVERY" not in env
+    assert env["GATEWAY_AUTH__JWKS_MIN_REFRESH_SECS"] == "10"
+    env = gateway_env(chartlib.render("default", {"gateway": {"auth": {"discovery": True}}}))
+    assert env["GATEWAY_AUTH__DISCOVERY"] == "true"
+    assert "GATEWAY_AUTH__JWKS_URL" not in env, "discovery must not be overridden by the Keycloak default URL"

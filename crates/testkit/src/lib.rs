@@ -6,6 +6,7 @@
 
 pub mod burst;
 pub mod echo;
+pub mod idp;
 pub mod kafka;
 mod nginx;
 pub mod otlp;
@@ -17,7 +18,7 @@ mod tansu;
 pub use nginx::Nginx;
 pub use postgres::Postgres;
 pub use process::{Service, bin_path};
-pub use stack::{Stack, StackOptions, https_client_trusting, wait_admin_ready};
+pub use stack::{AUDIENCE, ISSUER, Stack, StackOptions, https_client_trusting, wait_admin_ready};
 pub use tansu::{ONE_RECORD_PER_BATCH, Tansu};
 
 use std::net::TcpListener;

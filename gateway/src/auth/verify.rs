@@ -93,14 +93,18 @@ impl Verifier {
         }
     }
 
-    /// Checks the value of an `Authorization` header.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
+    /// Checks the value of an `Authorization` header. A token signed by a key the set lacks makes the key store
+    /// reload (rate-limited) and is checked once more: that is how a rotated key is picked up at once.
+    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
         let token = authorization
             .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Missing)?;
-        self.verify(token)
+        match self.verify(token) {
+            Err(AuthError::UnknownKey) if self.keys.refresh_for_unknown_key().await => self.verify(token),
+            other => other,
+        }
     }
 
     /// Checks one compact JWT.
@@ -162,24 +166,24 @@ mod tests {
         (key, Verifier::new(KeyStore::fixed(set), ISS, AUD, 5))
     }
 
-    #[test]
-    fn a_valid_token_yields_roles_from_realm_and_scope() {
+    #[tokio::test]
+    async fn a_valid_token_yields_roles_from_realm_and_scope() {
         let (key, v) = setup();
         let mut claims = DevClaims::new(ISS, AUD, "alice", 60);
         claims.scope = "openid orders:extra".into();
-        let p = v.authenticate(Some(&format!("Bearer {}", key.sign(&claims).expect("sign")))).expect("ok");
+        let p = v.authenticate(Some(&format!("Bearer {}", key.sign(&claims).expect("sign")))).await.expect("ok");
         assert_eq!(p.subject, "alice");
         assert!(p.roles.contains("orders:write") && p.roles.contains("orders:extra"));
         assert!(p.require("orders:write").is_ok());
         assert_eq!(p.require("admin"), Err(AuthError::Forbidden("admin")));
     }
 
-    #[test]
-    fn bad_tokens_are_refused_for_the_right_reason() {
+    #[tokio::test]
+    async fn bad_tokens_are_refused_for_the_right_reason() {
         let (key, v) = setup();
         let (other, _) = setup();
-        assert_eq!(v.authenticate(None), Err(AuthError::Missing));
-        assert_eq!(v.authenticate(Some("Basic abc")), Err(AuthError::Missing));
+        assert_eq!(v.authenticate(None).await, Err(AuthError::Missing));
+        assert_eq!(v.authenticate(Some("Basic abc")).await, Err(AuthError::Missing));
 
         let expired = key.sign(&DevClaims::new(ISS, AUD, "a", 60).expired(120)).expect("sign");
         assert!(matches!(v.verify(&expired), Err(AuthError::Invalid(m)) if m.contains("Expired")));
