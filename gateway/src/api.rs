@@ -17,6 +17,7 @@ use service_core::telemetry::{self, Context, TraceContextExt as _};
 use tracing::Instrument as _;
 
 use crate::auth::{AuthError, Verifier};
+use crate::idempotency::{self, Answer, Claim};
 use crate::publish::Publisher;
 use crate::replies::Replies;
 
@@ -36,6 +37,8 @@ pub struct Api {
     /// `kafka` is failing here: new orders get `503` at once instead of waiting for a delivery timeout.
     pub readiness: service_core::admin::Readiness,
     pub orders_db: deadpool_postgres::Pool,
+    /// `Idempotency-Key` records (`None` when disabled: the header is then ignored).
+    pub idempotency: Option<Arc<idempotency::Store>>,
     pub max_body_bytes: usize,
     pub duration: Histogram<f64>,
     pub tracer: BoxedTracer,
@@ -128,6 +131,17 @@ impl Api {
         if let Err(e) = principal.require(ROLE_WRITE) {
             return auth_failure(&e);
         }
+        let key = match (&self.idempotency, header_str(&req, "idempotency-key")) {
+            (Some(store), Some(raw)) => match idempotency::parse_key(raw) {
+                Some(k) => Some((store, k.to_owned())),
+                None => {
+                    return problem_response(&Problem::new("invalid-idempotency-key", 400, "Bad Request").with_detail(
+                        format!("Idempotency-Key must be 1 to {} visible ASCII characters", idempotency::MAX_KEY_LEN),
+                    ));
+                }
+            },
+            _ => None,
+        };
         // Backpressure: refuse at once rather than pile up requests behind a slow or absent broker.
         let Ok(_permit) = self.in_flight.try_acquire() else {
             return unavailable("overloaded", "too many orders in flight; retry shortly");
@@ -135,17 +149,53 @@ impl Api {
         if !self.readiness.is_ok("kafka") {
             return unavailable("broker-unavailable", "the message broker is unreachable; retry later");
         }
-        let order = match self.read_order(req).await {
+        let path = req.uri().path().to_owned();
+        let (body, order) = match self.read_order(req).await {
             Ok(o) => o,
             Err(r) => return *r,
         };
-        let command = OrderCommand::new(order);
+        let (mut order_id, mut event_id) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        if let Some((store, key)) = &key {
+            let hash = idempotency::fingerprint(&path, &body);
+            match store.claim(&principal.subject, key, &hash, (order_id, event_id)).await {
+                Ok(Claim::Owned { order_id: o, event_id: e }) => (order_id, event_id) = (o, e),
+                Ok(Claim::Replay(answer)) => return replay(answer),
+                Ok(Claim::Mismatch) => {
+                    return problem_response(
+                        &Problem::new("idempotency-key-reused", 422, "Unprocessable Content")
+                            .with_detail("this Idempotency-Key was used for another request; use a new key"),
+                    );
+                }
+                Ok(Claim::InProgress) => {
+                    let mut r = problem_response(
+                        &Problem::new("idempotency-key-in-use", 409, "Conflict")
+                            .with_detail("a request with this Idempotency-Key is still being processed; retry shortly"),
+                    );
+                    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return r;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming an idempotency key failed");
+                    return unavailable(
+                        "idempotency-unavailable",
+                        "the Idempotency-Key cannot be checked now; the order was not accepted, retry later",
+                    );
+                }
+            }
+        }
+        let command = OrderCommand { event_id, order_id, received_at: time::OffsetDateTime::now_utc(), order };
         let correlation_id = uuid::Uuid::now_v7().to_string();
         // Registered before publishing, so that even an instant reply finds its request.
         let waiter = sync.then(|| self.replies.register(&correlation_id));
         let reply = sync.then_some((self.replies.topic.as_str(), correlation_id.as_str()));
         if let Err(e) = self.publisher.publish(&command, cx, reply).await {
             tracing::warn!(error = %e, "publishing an order failed");
+            if let Some((store, key)) = &key
+                && let Err(e) = store.release(&principal.subject, key).await
+            {
+                // The claim stays until its lease ends; a retry then takes it over with the same ids.
+                tracing::warn!(error = %e, "releasing an idempotency key failed");
+            }
             return unavailable(
                 "broker-unavailable",
                 "the order could not be stored; it was not accepted, retry later",
@@ -167,7 +217,10 @@ impl Api {
         if let Ok(v) = HeaderValue::from_str(&location) {
             r.headers_mut().insert(header::LOCATION, v);
         }
-        r
+        match &key {
+            Some((store, key)) => record(store, &principal.subject, key, r).await,
+            None => r,
+        }
     }
 
     async fn get_order(&self, req: &Request<Incoming>, id: &str, cx: &Context) -> Response<Body> {
@@ -208,8 +261,8 @@ impl Api {
         }
     }
 
-    /// Reads and parses the JSON body, or the answer that explains why not.
-    async fn read_order(&self, req: Request<Incoming>) -> Result<OrderRequest, Box<Response<Body>>> {
+    /// Reads and parses the JSON body (returned with the order), or the answer that explains why not.
+    async fn read_order(&self, req: Request<Incoming>) -> Result<(Bytes, OrderRequest), Box<Response<Body>>> {
         let is_json = header_str(&req, header::CONTENT_TYPE)
             .and_then(|ct| ct.split(';').next())
             .map(|mt| {
@@ -256,8 +309,44 @@ impl Api {
                     .with("errors", serde_json::json!(violations)),
             )));
         }
-        Ok(order)
+        Ok((body, order))
     }
+}
+
+/// Stores `r` as the answer for `key` and returns it. If storing fails the answer still goes out; the claim then
+/// ends with its lease and a retry takes it over with the same ids.
+async fn record(store: &idempotency::Store, principal: &str, key: &str, r: Response<Body>) -> Response<Body> {
+    let (parts, body) = r.into_parts();
+    let bytes = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(never) => match never {},
+    };
+    let header = |name| parts.headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_owned);
+    let answer = Answer {
+        status: parts.status.as_u16(),
+        content_type: header(header::CONTENT_TYPE).unwrap_or_default(),
+        location: header(header::LOCATION),
+        body: bytes.to_vec(),
+    };
+    if let Err(e) = store.complete(principal, key, &answer).await {
+        tracing::warn!(error = %e, "recording the answer of an idempotency key failed");
+    }
+    Response::from_parts(parts, Full::new(bytes))
+}
+
+/// The stored answer of an earlier request with the same key, marked `Idempotent-Replayed`.
+fn replay(a: Answer) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(a.body)));
+    *r.status_mut() = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&a.content_type) {
+        headers.insert(header::CONTENT_TYPE, v);
+    }
+    if let Some(v) = a.location.as_deref().and_then(|l| HeaderValue::from_str(l).ok()) {
+        headers.insert(header::LOCATION, v);
+    }
+    headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    r
 }
 
 /// `201` with the order when accepted, `422` with the broken rules when rejected.

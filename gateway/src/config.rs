@@ -27,6 +27,7 @@ pub struct Config {
     pub sync: SyncConfig,
     /// Most order requests (publish, and for sync requests the wait) handled at once; beyond, `503` at once.
     pub max_in_flight: usize,
+    pub idempotency: IdempotencyConfig,
 }
 
 /// `POST /v1/orders`: how long a request waits for the validation result.
@@ -56,7 +57,28 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             sync: SyncConfig::default(),
             max_in_flight: 1024,
+            idempotency: Default::default(),
         }
+    }
+}
+
+/// `[idempotency]` in the gateway's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// Honour `Idempotency-Key` (the table comes with the workers' migrations).
+    pub enabled: bool,
+    /// How long a key and its answer are kept; after that the same key starts a new order.
+    pub ttl_secs: u64,
+    /// Connections of the read-write pool that records keys (same `database.url` as the read side).
+    pub pool_size: usize,
+    /// How often expired keys are deleted.
+    pub purge_interval_secs: u64,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self { enabled: true, ttl_secs: 24 * 3600, pool_size: 4, purge_interval_secs: 300 }
     }
 }
 

@@ -3,6 +3,7 @@
 mod api;
 mod auth;
 mod config;
+mod idempotency;
 mod publish;
 mod read;
 mod replies;
@@ -82,6 +83,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_boundaries(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
         .build();
     let orders_db = service_core::db::pool(&config.database, service_core::db::Access::ReadOnly)?;
+    let idempotency = if config.idempotency.enabled {
+        let mut db = config.database.clone();
+        db.pool_size = config.idempotency.pool_size.max(1);
+        let pool = service_core::db::pool(&db, service_core::db::Access::ReadWriteBounded)?;
+        // A claim outlives any request that holds it: the publish timeout, the sync wait, and a margin.
+        let lease =
+            Duration::from_millis(config.kafka.delivery_timeout_ms + config.sync.timeout_ms) + Duration::from_secs(30);
+        let ttl = Duration::from_secs(config.idempotency.ttl_secs.max(1));
+        let store = Arc::new(idempotency::Store::new(pool, ttl, lease));
+        let every = Duration::from_secs(config.idempotency.purge_interval_secs.max(1));
+        tokio::spawn(store.clone().purge_loop(every, shutdown.child_token()));
+        Some(store)
+    } else {
+        None
+    };
     let replies = replies::Replies::start(&config.kafka, readiness.clone(), shutdown.child_token())?;
     let api = Arc::new(api::Api {
         verifier,
@@ -91,6 +107,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
         readiness: readiness.clone(),
         orders_db,
+        idempotency,
         max_body_bytes: config.max_body_bytes,
         duration,
         tracer: service_core::telemetry::tracer("gateway"),

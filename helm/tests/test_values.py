@@ -239,3 +239,11 @@ def test_gateway_keys_from_url_or_discovery():
     env = gateway_env(chartlib.render("default", {"gateway": {"auth": {"discovery": True}}}))
     assert env["GATEWAY_AUTH__DISCOVERY"] == "true"
     assert "GATEWAY_AUTH__JWKS_URL" not in env, "discovery must not be overridden by the Keycloak default URL"
+
+
+def test_gateway_idempotency_settings():
+    r = chartlib.render("default", {"gateway": {"idempotency": {"enabled": False, "ttlSecs": 600, "poolSize": 2}}})
+    c = r.get("Deployment", "orders-edge-gateway").doc["spec"]["template"]["spec"]["containers"][0]
+    env = chartlib.container_env(r, c)
+    assert (env["GATEWAY_IDEMPOTENCY__ENABLED"], env["GATEWAY_IDEMPOTENCY__TTL_SECS"]) == ("false", "600")
+    assert env["GATEWAY_IDEMPOTENCY__POOL_SIZE"] == "2"

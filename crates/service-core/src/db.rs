@@ -33,14 +33,22 @@ pub enum Access {
     ReadWrite,
     /// `default_transaction_read_only` and a 5 s statement timeout: for read paths that must never write.
     ReadOnly,
+    /// Writes allowed, with a 5 s statement timeout: for request paths, which must not hang on a stuck database.
+    ReadWriteBounded,
 }
 
 /// A pool of at most `config.pool_size` connections to `config.url`. Connections are made on first use, so a
 /// database that is down does not stop the service from starting.
 pub fn pool(config: &DatabaseConfig, access: Access) -> Result<Pool, DbError> {
     let mut pg: tokio_postgres::Config = config.url.parse().map_err(DbError::Url)?;
-    if access == Access::ReadOnly {
-        pg.options("-c default_transaction_read_only=on -c statement_timeout=5000");
+    match access {
+        Access::ReadWrite => {}
+        Access::ReadOnly => {
+            pg.options("-c default_transaction_read_only=on -c statement_timeout=5000");
+        }
+        Access::ReadWriteBounded => {
+            pg.options("-c statement_timeout=5000 -c idle_in_transaction_session_timeout=10000");
+        }
     }
     let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Ok(Pool::builder(manager).max_size(config.pool_size).build()?)

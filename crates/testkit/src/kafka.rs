@@ -111,3 +111,23 @@ pub fn header(msg: &OwnedMessage, key: &str) -> Option<String> {
     use rdkafka::message::{Headers, Message};
     msg.headers()?.iter().find(|h| h.key == key)?.value.map(|v| String::from_utf8_lossy(v).into_owned())
 }
+
+/// How many messages `topic` holds in all its partitions (the sum of the high watermarks; topics are never
+/// compacted or trimmed in tests).
+pub async fn topic_end(brokers: &str, topic: &str) -> anyhow::Result<i64> {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: rdkafka::consumer::BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", &brokers).create()?;
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+        let mut total = 0;
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                total += consumer.fetch_watermarks(&topic, p.id(), timeout)?.1;
+            }
+        }
+        Ok(total)
+    })
+    .await?
+}

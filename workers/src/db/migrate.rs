@@ -10,6 +10,7 @@ use deadpool_postgres::Pool;
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "orders", include_str!("../../migrations/0001_orders.sql")),
     (2, "validation", include_str!("../../migrations/0002_validation.sql")),
+    (3, "idempotency", include_str!("../../migrations/0003_idempotency.sql")),
 ];
 
 /// An arbitrary constant naming our advisory lock.
