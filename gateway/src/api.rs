@@ -193,12 +193,13 @@ impl Api {
             if let Some((store, key)) = &key
                 && let Err(e) = store.release(&principal.subject, key).await
             {
-                // The claim stays until its lease ends; a retry then takes it over with the same ids.
+                // The claim then stays until its lease ends; a retry then takes it over with the same ids.
                 tracing::warn!(error = %e, "releasing an idempotency key failed");
             }
             return unavailable(
                 "broker-unavailable",
-                "the order could not be stored; it was not accepted, retry later",
+                "the broker did not confirm the order; it may still have been recorded: retry with the same \
+                 Idempotency-Key to be safe from a duplicate",
             );
         }
         tracing::info!(order_id = %command.order_id, subject = %principal.subject, sync, "order accepted");

@@ -5,7 +5,8 @@
 //!
 //! A claim holds the order and event ids that its request publishes. If the replica dies between publishing and
 //! storing the answer, the claim is taken over after its lease with the same ids: the retry republishes the same
-//! command, whose copy the jobs' inboxes drop. A publish that fails (nothing reached the broker) releases the claim.
+//! command, whose copy the jobs' inboxes drop. A publish that is not confirmed ends the lease at once, keeping the
+//! ids: it may still have reached the log, and a retry republishes the same command.
 
 use std::time::Duration;
 
@@ -166,12 +167,15 @@ impl Store {
         Ok(())
     }
 
-    /// Gives `key` up: its request published nothing, so a retry may start afresh.
+    /// Ends the claim on `key` now, without an answer: its publish was not confirmed. The command may still have
+    /// reached the log (a delivery timeout leaves that open), so the key keeps its ids: a retry takes the claim
+    /// over at once and republishes the same command, which the jobs deduplicate.
     pub async fn release(&self, principal: &str, key: &str) -> Result<(), StoreError> {
         let client = self.pool.get().await?;
         client
             .execute(
-                "DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2 AND response_status IS NULL",
+                "UPDATE idempotency_keys SET locked_until = now()
+                 WHERE principal = $1 AND key = $2 AND response_status IS NULL",
                 &[&principal, &key],
             )
             .await?;

@@ -72,7 +72,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let verifier = Verifier::new(keys, &config.auth.issuer, &config.auth.audience, config.auth.leeway_secs);
 
-    let publisher = publish::Publisher::new(&config.kafka)?;
+    let publisher = publish::Publisher::new(&config.kafka, readiness.clone())?;
     tokio::spawn(probe_kafka(publisher.clone(), readiness.clone(), shutdown.child_token()));
 
     let duration = metrics
@@ -147,10 +147,16 @@ async fn probe_kafka(publisher: publish::Publisher, readiness: Readiness, stop: 
             Err(_) => false,
         };
         readiness.set("kafka", ok);
-        let wait = if ok { Duration::from_secs(10) } else { Duration::from_secs(1) };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+        // Every second while failing; every 10 s while fine, or at once when the producer reports all brokers
+        // down (it turns the check off itself; the probe is what turns it on again).
+        for _ in 0..if ok { 10 } else { 1 } {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if !readiness.is_ok("kafka") {
+                break;
+            }
         }
     }
 }

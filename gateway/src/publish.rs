@@ -1,12 +1,16 @@
 //! Publishing order commands to Kafka. A command counts as accepted only once the broker acknowledged it
 //! (idempotent producer, `acks=all`), so an answer of `202` means the order is durably in the log.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use order_contract::{ORDER_CREATE, OrderCommand, SCHEMA_VERSION, headers};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext};
+use service_core::admin::Readiness;
 
 use opentelemetry::global::BoxedTracer;
 use service_core::telemetry::{self, Context, KeyValue, SpanKind, TraceContextExt as _};
@@ -24,37 +28,117 @@ pub enum PublishError {
     Delivery(KafkaError),
 }
 
+/// Turns the `kafka` readiness check off the moment librdkafka loses every broker connection, or a delivery times
+/// out (a broker that accepts connections but does not answer), so that new orders get `503` at once instead of
+/// each waiting for a delivery timeout; the probe turns it on again.
+pub struct BrokerWatch {
+    readiness: Readiness,
+}
+
+impl BrokerWatch {
+    fn broker_down(&self) {
+        self.readiness.set("kafka", false);
+    }
+}
+
+impl ClientContext for BrokerWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.broker_down();
+        }
+        tracing::warn!(error = %error, reason, "Kafka client error");
+    }
+}
+
 /// The gateway's producer of order commands.
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer,
+    current: Arc<RwLock<Current>>,
+    settings: ClientConfig,
+    readiness: Readiness,
     topic: String,
     timeout: Duration,
-    tracer: std::sync::Arc<BoxedTracer>,
+    tracer: Arc<BoxedTracer>,
+}
+
+/// The producer in use, and how many it replaced.
+struct Current {
+    generation: u64,
+    producer: FutureProducer<BrokerWatch>,
 }
 
 impl Publisher {
-    pub fn new(config: &KafkaConfig) -> Result<Self, PublishError> {
-        let producer: FutureProducer = config
-            .client()
+    pub fn new(config: &KafkaConfig, readiness: Readiness) -> Result<Self, PublishError> {
+        let mut settings = config.client();
+        settings
             .set("client.id", &config.client_id)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", config.delivery_timeout_ms.to_string())
-            .create()
-            .map_err(PublishError::Create)?;
+            .set("message.timeout.ms", config.delivery_timeout_ms.to_string());
+        let producer = Self::create(&settings, &readiness)?;
         Ok(Self {
-            producer,
+            current: Arc::new(RwLock::new(Current { generation: 0, producer })),
+            settings,
+            readiness,
             topic: config.commands_topic.clone(),
             timeout: Duration::from_millis(config.delivery_timeout_ms),
-            tracer: std::sync::Arc::new(telemetry::tracer("gateway")),
+            tracer: Arc::new(telemetry::tracer("gateway")),
         })
+    }
+
+    fn create(settings: &ClientConfig, readiness: &Readiness) -> Result<FutureProducer<BrokerWatch>, PublishError> {
+        settings.create_with_context(BrokerWatch { readiness: readiness.clone() }).map_err(PublishError::Create)
+    }
+
+    /// The producer in use and its generation.
+    fn producer(&self) -> (u64, FutureProducer<BrokerWatch>) {
+        let c = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (c.generation, c.producer.clone())
+    }
+
+    /// Replaces the producer of `generation` if librdkafka declared it unusable (a fatal error), or the broker
+    /// refused its producer id or epoch (`failed`). Both are final for that instance: librdkafka's documentation
+    /// says to create a new one, which gets a new producer id. (Tansu 0.6 answers `ProducerFenced` to every
+    /// later produce once librdkafka bumped the epoch after delivery timeouts, without a fatal error.)
+    fn renew_if_broken(&self, generation: u64, producer: &FutureProducer<BrokerWatch>, failed: Option<&KafkaError>) {
+        let refused = failed.and_then(KafkaError::rdkafka_error_code).filter(|code| {
+            matches!(
+                code,
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::InvalidProducerIdMapping
+            )
+        });
+        let Some((code, reason)) =
+            producer.client().fatal_error().or_else(|| refused.map(|c| (c, "refused by the broker".to_owned())))
+        else {
+            return;
+        };
+        let mut c = self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if c.generation != generation {
+            return; // another request replaced it already
+        }
+        match Self::create(&self.settings, &self.readiness) {
+            Ok(fresh) => {
+                tracing::error!(error = %code, reason, "the Kafka producer is unusable; replaced it");
+                *c = Current { generation: generation + 1, producer: fresh };
+                producer_renewed();
+            }
+            Err(e) => tracing::error!(error = %e, "the Kafka producer is unusable and could not be replaced"),
+        }
     }
 
     /// Checks that the broker answers and knows the commands topic (readiness). Blocks: call off the runtime.
     pub fn probe(&self) -> Result<(), KafkaError> {
-        let md = self.producer.client().fetch_metadata(Some(&self.topic), Duration::from_secs(5))?;
+        let (generation, producer) = self.producer();
+        self.renew_if_broken(generation, &producer, None);
+        if let Some((code, _)) = producer.client().fatal_error() {
+            return Err(KafkaError::MetadataFetch(code));
+        }
+        let md = producer.client().fetch_metadata(Some(&self.topic), Duration::from_secs(5))?;
         match md.topics().first() {
             Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
             _ => Err(KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)),
@@ -93,7 +177,8 @@ impl Publisher {
                 .insert(Header { key: headers::CORRELATION_ID, value: Some(correlation_id) });
         }
         let record = FutureRecord::to(&self.topic).key(&key).payload(&payload).headers(hdrs);
-        match self.producer.send(record, self.timeout).await {
+        let (generation, producer) = self.producer();
+        match producer.send(record, self.timeout).await {
             Ok(delivery) => {
                 let span = cx.span();
                 if span.is_recording() {
@@ -108,6 +193,10 @@ impl Publisher {
                 Ok(())
             }
             Err((e, _)) => {
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
+                    self.readiness.set("kafka", false);
+                }
+                self.renew_if_broken(generation, &producer, Some(&e));
                 telemetry::end(&cx, Some(("delivery", &e)));
                 service_core::metrics::message_sent(&self.topic, Some("delivery"));
                 Err(PublishError::Delivery(e))
@@ -117,8 +206,21 @@ impl Publisher {
 
     /// Waits for queued messages to be delivered (shutdown). Blocks: call off the runtime.
     pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.producer.flush(timeout) {
+        if let Err(e) = self.producer().1.flush(timeout) {
             tracing::warn!(error = %e, "producer flush at shutdown incomplete");
         }
     }
+}
+
+/// `gateway.kafka.producer.renewals`: producers replaced after a fatal error.
+fn producer_renewed() {
+    static RENEWALS: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> = std::sync::OnceLock::new();
+    RENEWALS
+        .get_or_init(|| {
+            opentelemetry::global::meter("gateway")
+                .u64_counter("gateway.kafka.producer.renewals")
+                .with_description("Kafka producers replaced after a fatal error (fenced, sequence gap)")
+                .build()
+        })
+        .add(1, &[]);
 }

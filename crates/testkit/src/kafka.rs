@@ -131,3 +131,46 @@ pub async fn topic_end(brokers: &str, topic: &str) -> anyhow::Result<i64> {
     })
     .await?
 }
+
+/// Every message of `topic` up to its current end, read by assigning all partitions (no consumer group, so a
+/// broker whose group coordinator misbehaves can still be checked).
+pub async fn read_all(brokers: &str, topic: &str) -> anyhow::Result<Vec<OwnedMessage>> {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::Message as _;
+        let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", "unused-assign-only")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        let mut remaining = std::collections::HashMap::new();
+        for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            let (low, high) = consumer.fetch_watermarks(&topic, p.id(), timeout)?;
+            tpl.add_partition_offset(&topic, p.id(), rdkafka::Offset::Beginning)?;
+            if high > low {
+                remaining.insert(p.id(), high);
+            }
+        }
+        consumer.assign(&tpl)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut out = Vec::new();
+        while !remaining.is_empty() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "reading {topic}: partitions {remaining:?} unfinished"
+            );
+            let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
+            let m = m?.detach();
+            if remaining.get(&m.partition()).is_some_and(|high| m.offset() + 1 >= *high) {
+                remaining.remove(&m.partition());
+            }
+            out.push(m);
+        }
+        Ok(out)
+    })
+    .await?
+}

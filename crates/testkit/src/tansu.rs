@@ -25,7 +25,7 @@ pub const TOPICS: &[(&str, u32)] =
 
 pub struct Tansu {
     pub port: u16,
-    _service: Service,
+    service: Service,
     _dir: TempDir,
 }
 
@@ -55,12 +55,43 @@ impl Tansu {
         for (topic, partitions) in TOPICS {
             create_topic(&bin, &url, topic, *partitions)?;
         }
-        Ok(Self { port, _service: service, _dir: dir })
+        Ok(Self { port, service, _dir: dir })
+    }
+
+    /// Freezes the broker (SIGSTOP): connections stay open and nothing is answered, as in a network partition or
+    /// a stalled host. [`Tansu::thaw`] resumes it with its log intact.
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// Resumes a frozen broker (SIGCONT).
+    pub fn thaw(&self) -> anyhow::Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    /// Stops the broker (SIGTERM; its in-memory log is gone).
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        self.service.terminate()?;
+        Ok(())
+    }
+
+    fn signal(&self, signal: i32) -> anyhow::Result<()> {
+        let pid = self.service.pid().ok_or_else(|| anyhow::anyhow!("tansu is not running"))?;
+        // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+        anyhow::ensure!(unsafe { libc::kill(pid as i32, signal) } == 0, "signal {signal} to tansu failed");
+        Ok(())
     }
 
     /// `127.0.0.1:{port}`, for `bootstrap.servers`.
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        // A frozen broker would ignore the SIGTERM that stops it.
+        let _ = self.thaw();
     }
 }
 
