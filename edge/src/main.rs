@@ -105,7 +105,8 @@ fn main() -> anyhow::Result<()> {
             }
         };
     }
-    service_core::logging::init(&config.log);
+    // Pingora's server ends the process with `exit`: nothing would flush a background writer's queue.
+    let _logs = service_core::logging::init(&config.log, service_core::logging::Writer::Inline);
     let tracing = service_core::telemetry::init("edge")?;
     let initial_policy = policy::load_dir(&config.policy.dir)
         .map_err(|e| anyhow::anyhow!("invalid rate-limit policy, refusing to start:\n{e}"))?;

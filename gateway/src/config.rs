@@ -102,6 +102,8 @@ pub struct AuthConfig {
     pub jwks_min_refresh_secs: u64,
     /// Clock skew tolerated on `exp` and `nbf`.
     pub leeway_secs: u64,
+    /// Verified tokens remembered (until their `exp`, for the key set they were verified with); 0 turns it off.
+    pub token_cache_size: usize,
 }
 
 impl Default for AuthConfig {
@@ -115,6 +117,7 @@ impl Default for AuthConfig {
             jwks_refresh_secs: 300,
             jwks_min_refresh_secs: 10,
             leeway_secs: 30,
+            token_cache_size: 10_000,
         }
     }
 }

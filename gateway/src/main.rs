@@ -33,7 +33,7 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config: Config = service_core::config::load(cli.config.as_deref(), "GATEWAY_")?;
-    service_core::logging::init(&config.log);
+    let _logs = service_core::logging::init(&config.log, service_core::logging::Writer::Background);
     let tracing = service_core::telemetry::init("gateway")?;
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let result = runtime.block_on(run(config));
@@ -70,7 +70,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let every = Duration::from_secs(config.auth.jwks_refresh_secs.max(1));
         tokio::spawn(keys.clone().refresh_loop(every, shutdown.child_token(), move |ok| readiness.set("jwks", ok)));
     }
-    let verifier = Verifier::new(keys, &config.auth.issuer, &config.auth.audience, config.auth.leeway_secs);
+    let verifier = Verifier::new(keys, &auth.issuer, &auth.audience, auth.leeway_secs, auth.token_cache_size);
 
     let publisher = publish::Publisher::new(&config.kafka, readiness.clone())?;
     tokio::spawn(probe_kafka(publisher.clone(), readiness.clone(), shutdown.child_token()));

@@ -43,10 +43,17 @@ impl BrokerWatch {
 
 impl ClientContext for BrokerWatch {
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.broker_down();
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::AllBrokersDown) => {
+                self.broker_down();
+                // Repeated at every reconnect attempt; the readiness change and the probe say it once.
+                tracing::debug!(error = %error, reason, "Kafka client error");
+            }
+            Some(RDKafkaErrorCode::BrokerTransportFailure) => {
+                tracing::debug!(error = %error, reason, "Kafka client error")
+            }
+            _ => tracing::warn!(error = %error, reason, "Kafka client error"),
         }
-        tracing::warn!(error = %error, reason, "Kafka client error");
     }
 }
 

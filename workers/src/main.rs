@@ -57,7 +57,7 @@ impl Job {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config: Config = service_core::config::load(cli.config.as_deref(), "WORKERS_")?;
-    service_core::logging::init(&config.log);
+    let _logs = service_core::logging::init(&config.log, service_core::logging::Writer::Background);
     let tracing = service_core::telemetry::init("workers")?;
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let result = runtime.block_on(start(cli, config));

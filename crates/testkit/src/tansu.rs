@@ -58,6 +58,11 @@ impl Tansu {
         Ok(Self { port, service, _dir: dir })
     }
 
+    /// The broker's process id (benchmarks read its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.service.pid()
+    }
+
     /// Freezes the broker (SIGSTOP): connections stay open and nothing is answered, as in a network partition or
     /// a stalled host. [`Tansu::thaw`] resumes it with its log intact.
     pub fn freeze(&self) -> anyhow::Result<()> {

@@ -99,12 +99,17 @@ impl KeyStore {
         store
     }
 
+    /// How many loads succeeded so far: changes whenever the key set is replaced.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
     /// The keys now, if any load has succeeded.
     pub fn current(&self) -> Option<Arc<JwkSet>> {
         self.inner.keys.read().ok().and_then(|k| k.clone())
     }
 
-    fn install(&self, set: JwkSet) {
+    pub(crate) fn install(&self, set: JwkSet) {
         if let Ok(mut k) = self.inner.keys.write() {
             *k = Some(Arc::new(set));
         }

@@ -1,6 +1,7 @@
 //! Checking one bearer token and turning it into a [`Principal`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
@@ -62,6 +63,8 @@ struct RoleList {
 
 #[derive(Deserialize)]
 struct Claims {
+    /// Required by the validation (`set_required_spec_claims`); bounds how long a verified token is cached.
+    exp: u64,
     #[serde(default)]
     sub: String,
     #[serde(default)]
@@ -80,16 +83,59 @@ pub struct Verifier {
     audience: String,
     leeway_secs: u64,
     algorithms: Vec<Algorithm>,
+    cache: Arc<Mutex<TokenCache>>,
+}
+
+/// Tokens already verified, so that a client's repeated token costs a lookup instead of a signature check (an
+/// RSA verification is most of the gateway's CPU per request otherwise). An entry holds until the token's `exp`
+/// (plus the leeway, as the check itself) and only for the key set it was verified with: a reload that drops a
+/// key drops trust in its tokens. Bounded: when full, expired entries go, and if that is not enough, all.
+struct TokenCache {
+    entries: HashMap<Box<str>, Cached>,
+    capacity: usize,
+}
+
+struct Cached {
+    principal: Principal,
+    /// Unix seconds after which the entry is stale.
+    until: u64,
+    keys_generation: u64,
+}
+
+impl TokenCache {
+    fn get(&self, token: &str, now: u64, keys_generation: u64) -> Option<Principal> {
+        let c = self.entries.get(token)?;
+        (now <= c.until && c.keys_generation == keys_generation).then(|| c.principal.clone())
+    }
+
+    fn put(&mut self, token: &str, cached: Cached, now: u64) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.entries.len() >= self.capacity {
+            self.entries.retain(|_, c| now <= c.until);
+            if self.entries.len() >= self.capacity {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(token.into(), cached);
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl Verifier {
-    pub fn new(keys: KeyStore, issuer: &str, audience: &str, leeway_secs: u64) -> Self {
+    /// A verifier that remembers up to `cache_capacity` verified tokens (0: none).
+    pub fn new(keys: KeyStore, issuer: &str, audience: &str, leeway_secs: u64, cache_capacity: usize) -> Self {
         Self {
             keys,
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
             leeway_secs,
             algorithms: DEFAULT_ALGORITHMS.to_vec(),
+            cache: Arc::new(Mutex::new(TokenCache { entries: HashMap::new(), capacity: cache_capacity })),
         }
     }
 
@@ -101,14 +147,34 @@ impl Verifier {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Missing)?;
-        match self.verify(token) {
-            Err(AuthError::UnknownKey) if self.keys.refresh_for_unknown_key().await => self.verify(token),
-            other => other,
+        let (now, generation) = (unix_now(), self.keys.generation());
+        if let Some(p) = self.cache.lock().ok().and_then(|c| c.get(token, now, generation)) {
+            return Ok(p);
         }
+        let verified = match self.verify_claims(token) {
+            Err(AuthError::UnknownKey) if self.keys.refresh_for_unknown_key().await => self.verify_claims(token),
+            other => other,
+        };
+        let (principal, exp) = verified?;
+        let cached = Cached {
+            principal: principal.clone(),
+            until: exp.saturating_add(self.leeway_secs),
+            keys_generation: self.keys.generation(),
+        };
+        if let Ok(mut c) = self.cache.lock() {
+            c.put(token, cached, now);
+        }
+        Ok(principal)
     }
 
-    /// Checks one compact JWT.
+    /// Checks one compact JWT (no cache).
+    #[cfg(test)]
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        self.verify_claims(token).map(|(p, _)| p)
+    }
+
+    /// Checks one compact JWT; the principal and the token's `exp`.
+    fn verify_claims(&self, token: &str) -> Result<(Principal, u64), AuthError> {
         let header = decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
         if !self.algorithms.contains(&header.alg) {
             return Err(AuthError::Algorithm(format!("{:?}", header.alg)));
@@ -131,7 +197,8 @@ impl Verifier {
         validation.validate_nbf = true;
         validation.leeway = self.leeway_secs;
         let data = decode::<Claims>(token, &key, &validation).map_err(|e| AuthError::Invalid(e.to_string()))?;
-        Ok(self.principal(data.claims))
+        let exp = data.claims.exp;
+        Ok((self.principal(data.claims), exp))
     }
 
     fn principal(&self, claims: Claims) -> Principal {
@@ -163,7 +230,7 @@ mod tests {
     fn setup() -> (SigningKey, Verifier) {
         let key = SigningKey::generate().expect("key");
         let set: JwkSet = serde_json::from_value(jwks(&[&key])).expect("jwks");
-        (key, Verifier::new(KeyStore::fixed(set), ISS, AUD, 5))
+        (key, Verifier::new(KeyStore::fixed(set), ISS, AUD, 5, 100))
     }
 
     #[tokio::test]
@@ -211,5 +278,39 @@ mod tests {
         let (key, v) = setup();
         let t = key.sign(&DevClaims::new(ISS, AUD, "a", 60).expired(2)).expect("sign");
         assert!(v.verify(&t).is_ok());
+    }
+
+    #[tokio::test]
+    async fn verified_tokens_are_cached_only_for_the_key_set_that_verified_them() {
+        let (key, v) = setup();
+        let header = format!("Bearer {}", key.sign(&DevClaims::new(ISS, AUD, "alice", 60)).expect("sign"));
+        assert!(v.authenticate(Some(&header)).await.is_ok());
+        assert_eq!(v.cache.lock().expect("lock").entries.len(), 1);
+        assert_eq!(v.authenticate(Some(&header)).await.map(|p| p.subject), Ok("alice".to_owned()));
+        // The provider drops the key: the cached token is not trusted any more.
+        let (other, _) = setup();
+        v.keys.install(serde_json::from_value(jwks(&[&other])).expect("jwks"));
+        assert_eq!(v.authenticate(Some(&header)).await, Err(AuthError::UnknownKey));
+    }
+
+    #[test]
+    fn the_cache_forgets_expired_tokens_and_stays_bounded() {
+        let principal = Principal { subject: "a".into(), roles: BTreeSet::new() };
+        let entry = |until| Cached { principal: principal.clone(), until, keys_generation: 1 };
+        let mut cache = TokenCache { entries: HashMap::new(), capacity: 3 };
+        cache.put("t1", entry(100), 50);
+        assert!(cache.get("t1", 100, 1).is_some());
+        assert!(cache.get("t1", 101, 1).is_none(), "past exp + leeway");
+        assert!(cache.get("t1", 60, 2).is_none(), "another key set");
+        cache.put("t2", entry(40), 50);
+        cache.put("t3", entry(200), 50);
+        cache.put("t4", entry(200), 50); // full: the expired t2 goes
+        assert_eq!(cache.entries.len(), 3);
+        assert!(cache.entries.contains_key("t4") && !cache.entries.contains_key("t2"));
+        cache.put("t5", entry(200), 50); // full of live entries: cleared
+        assert_eq!(cache.entries.len(), 1);
+        let mut off = TokenCache { entries: HashMap::new(), capacity: 0 };
+        off.put("t", entry(200), 50);
+        assert!(off.entries.is_empty());
     }
 }
