@@ -65,11 +65,13 @@ pub struct TlsConfig {
     pub key_path: Option<PathBuf>,
     /// Where the development certificate is generated (once) when no certificate is configured.
     pub dev_cert_dir: PathBuf,
+    /// How often the certificate and key files are checked for changes (SIGHUP reloads at once).
+    pub reload_interval_secs: u64,
 }
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        Self { cert_path: None, key_path: None, dev_cert_dir: PathBuf::from(".stack/tls") }
+        Self { cert_path: None, key_path: None, dev_cert_dir: PathBuf::from(".stack/tls"), reload_interval_secs: 10 }
     }
 }
 

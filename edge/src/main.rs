@@ -113,7 +113,8 @@ fn main() -> anyhow::Result<()> {
     let limiter = Arc::new(Limiter::new(initial_policy));
 
     let (cert, key) = tls::resolve_files(&config.tls)?;
-    let tls_settings = tls::settings(&cert, &key)?;
+    let certs = tls::CertStore::open(cert.clone(), key)?;
+    let tls_settings = tls::settings(certs.clone())?;
 
     let metrics = Metrics::new("edge")?;
     let readiness = Readiness::new(&["proxy", "policy"]);
@@ -134,6 +135,17 @@ fn main() -> anyhow::Result<()> {
     };
     let reloads =
         meter.u64_counter("edge.ratelimit.policy.reloads").with_description("Policy reloads by result").build();
+    let cert_reloads =
+        meter.u64_counter("edge.tls.certificate.reloads").with_description("TLS certificate reloads by result").build();
+    {
+        let certs = certs.clone();
+        meter
+            .i64_observable_gauge("edge.tls.certificate.not_after")
+            .with_unit("s")
+            .with_description("Expiry of the served certificate, Unix seconds")
+            .with_callback(move |o| o.observe(certs.current().not_after_unix, &[]))
+            .build();
+    }
     meter
         .u64_observable_gauge("edge.ratelimit.tracked_keys")
         .with_description("Client keys tracked per zone")
@@ -187,12 +199,20 @@ fn main() -> anyhow::Result<()> {
         },
     ));
     server.add_service(background_service(
+        "tls-reload",
+        reload::CertReloader {
+            store: certs.clone(),
+            interval: Duration::from_secs(config.tls.reload_interval_secs.max(1)),
+            reloads: cert_reloads,
+        },
+    ));
+    server.add_service(background_service(
         "admin",
         admin::AdminService { listener: Mutex::new(Some(admin_listener)), state: AdminState { readiness, metrics } },
     ));
 
     tracing::info!(listen = %config.listen, admin = %config.admin_listen, upstream = %config.upstream.address,
-        cert = %cert.display(), "edge starting");
+        cert = %cert.display(), sha256 = %certs.current().fingerprint, "edge starting");
     server.run(RunArgs { shutdown_signal: Box::new(Signals) });
     tracing.shutdown();
     tracing::info!("edge stopped");

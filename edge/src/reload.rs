@@ -1,7 +1,8 @@
 //! Policy hot reload, as a Pingora background service: the policy directory is checked for changes every few
 //! seconds (modification times and sizes, which also catches a Kubernetes ConfigMap's symlink swap) and at once
 //! on SIGHUP. A valid policy replaces the old one atomically; an invalid one is refused, logged with every
-//! located error, and counted, and the old policy stays. Drained buckets are swept on the same timer.
+//! located error, and counted, and the old policy stays. Drained buckets are swept on the same timer. The TLS
+//! certificate is reloaded the same way ([`CertReloader`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -87,6 +88,67 @@ impl BackgroundService for PolicyReloader {
                     let swept = self.limiter.sweep();
                     if swept > 0 {
                         tracing::debug!(swept, "forgot drained rate-limit keys");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Certificate hot reload: the certificate and key files are checked every `interval` (size and modification
+/// time, following symlinks: a Kubernetes Secret volume swaps a symlink) and reloaded at once on SIGHUP. A bad
+/// pair (unreadable, key not matching, expired) is refused and counted; the served pair stays.
+pub struct CertReloader {
+    pub store: Arc<crate::tls::CertStore>,
+    pub interval: Duration,
+    pub reloads: Counter<u64>,
+}
+
+impl CertReloader {
+    fn files(&self) -> Vec<(u64, Option<SystemTime>)> {
+        [&self.store.cert_path, &self.store.key_path]
+            .iter()
+            .map(|p| {
+                let md = std::fs::metadata(p).ok();
+                (md.as_ref().map_or(0, |m| m.len()), md.and_then(|m| m.modified().ok()))
+            })
+            .collect()
+    }
+
+    fn reload(&self, why: &str) {
+        match self.store.reload() {
+            Ok(pair) => {
+                self.reloads.add(1, &[KeyValue::new("result", "ok")]);
+                tracing::info!(why, cert = %self.store.cert_path.display(), sha256 = %pair.fingerprint,
+                    "TLS certificate reloaded; new connections get it");
+            }
+            Err(e) => {
+                self.reloads.add(1, &[KeyValue::new("result", "failed")]);
+                tracing::error!(why, error = %e, "TLS certificate refused; the previous certificate stays in use");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for CertReloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hup = signal(SignalKind::hangup()).ok();
+        let mut seen = self.files();
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                    seen = self.files();
+                    self.reload("SIGHUP");
+                }
+                _ = tick.tick() => {
+                    let now = self.files();
+                    if now != seen {
+                        seen = now;
+                        self.reload("files changed");
                     }
                 }
             }

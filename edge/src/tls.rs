@@ -1,15 +1,21 @@
 //! TLS for the HTTPS listener: TLS 1.2 and 1.3 only, ALPN h2 and http/1.1, with the configured certificate or,
 //! when none is configured, a self-signed development certificate generated once into `dev_cert_dir`.
+//!
+//! The certificate is handed to each handshake from a [`CertStore`], so that a renewed certificate (cert-manager
+//! rewriting the Secret's files, or an operator and SIGHUP) is served to new connections without a restart.
+//! A pair is checked before it is used: the key must match the leaf, and the leaf must be valid now. At start a
+//! bad pair stops the edge with the reason; on reload it is refused, logged and counted, and the old pair stays.
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use openssl::asn1::Asn1Time;
 use openssl::bn::{BigNum, MsbOption};
 use openssl::ec::{EcGroup, EcKey};
 use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
-use openssl::pkey::PKey;
+use openssl::pkey::{PKey, Private};
 use openssl::ssl::SslVersion;
 use openssl::x509::extension::{BasicConstraints, ExtendedKeyUsage, SubjectAlternativeName};
 use openssl::x509::{X509, X509NameBuilder};
@@ -29,6 +35,103 @@ pub enum TlsError {
     Write(PathBuf, std::io::Error),
     #[error("tls: loading the certificate: {0}")]
     Load(String),
+    #[error("tls: reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("tls: {0} holds no PEM certificate: {1}")]
+    NoCertificate(PathBuf, String),
+    #[error("tls: {0} holds no PEM private key: {1}")]
+    NoKey(PathBuf, String),
+    #[error("tls: the key {key} does not match the certificate {cert} (its public key differs)")]
+    Mismatch { cert: PathBuf, key: PathBuf },
+    #[error("tls: the certificate {0} expired on {1}")]
+    Expired(PathBuf, String),
+    #[error("tls: the certificate {0} is not valid before {1}")]
+    NotYetValid(PathBuf, String),
+}
+
+/// A checked certificate chain (leaf first) and its key.
+pub struct CertifiedKey {
+    leaf: X509,
+    chain: Vec<X509>,
+    key: PKey<Private>,
+    /// The leaf's `notAfter`, in Unix seconds (for the expiry metric).
+    pub not_after_unix: i64,
+    /// SHA-256 of the leaf (logs: which certificate is served).
+    pub fingerprint: String,
+}
+
+/// Reads and checks `cert` (PEM chain, leaf first) and `key` (PEM private key).
+pub fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let pem = fs::read(cert).map_err(|e| TlsError::Read(cert.to_path_buf(), e))?;
+    let mut certs =
+        X509::stack_from_pem(&pem).map_err(|e| TlsError::NoCertificate(cert.to_path_buf(), e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(cert.to_path_buf(), "no CERTIFICATE block".into()));
+    }
+    let leaf = certs.remove(0);
+    let key_pem = fs::read(key).map_err(|e| TlsError::Read(key.to_path_buf(), e))?;
+    let pkey = PKey::private_key_from_pem(&key_pem).map_err(|e| TlsError::NoKey(key.to_path_buf(), e.to_string()))?;
+    if !leaf.public_key().is_ok_and(|public| public.public_eq(&pkey)) {
+        return Err(TlsError::Mismatch { cert: cert.to_path_buf(), key: key.to_path_buf() });
+    }
+    let now = Asn1Time::days_from_now(0)?;
+    if leaf.not_after() < now {
+        return Err(TlsError::Expired(cert.to_path_buf(), leaf.not_after().to_string()));
+    }
+    if leaf.not_before() > now {
+        return Err(TlsError::NotYetValid(cert.to_path_buf(), leaf.not_before().to_string()));
+    }
+    let epoch = Asn1Time::from_unix(0)?;
+    let not_after_unix =
+        epoch.diff(leaf.not_after()).map(|d| i64::from(d.days) * 86_400 + i64::from(d.secs)).unwrap_or(0);
+    let fingerprint = leaf.digest(MessageDigest::sha256()).map(|d| hex(&d)).unwrap_or_default();
+    Ok(CertifiedKey { leaf, chain: certs, key: pkey, not_after_unix, fingerprint })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The pair handed to new handshakes, replaced by reloads.
+pub struct CertStore {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertStore {
+    /// Loads and checks the pair: an error here stops the edge.
+    pub fn open(cert_path: PathBuf, key_path: PathBuf) -> Result<Arc<Self>, TlsError> {
+        let pair = load_pair(&cert_path, &key_path)?;
+        Ok(Arc::new(Self { cert_path, key_path, current: RwLock::new(Arc::new(pair)) }))
+    }
+
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Loads the files again; a bad pair is refused and the served one stays.
+    pub fn reload(&self) -> Result<Arc<CertifiedKey>, TlsError> {
+        let pair = Arc::new(load_pair(&self.cert_path, &self.key_path)?);
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = pair.clone();
+        Ok(pair)
+    }
+}
+
+/// Gives each handshake the store's current pair.
+struct Callbacks(Arc<CertStore>);
+
+#[async_trait::async_trait]
+impl pingora::listeners::TlsAccept for Callbacks {
+    async fn certificate_callback(&self, ssl: &mut pingora::protocols::tls::TlsRef) {
+        let pair = self.0.current();
+        let result = pingora::tls::ext::ssl_use_certificate(ssl, &pair.leaf)
+            .and_then(|()| pair.chain.iter().try_for_each(|c| pingora::tls::ext::ssl_add_chain_cert(ssl, c)))
+            .and_then(|()| pingora::tls::ext::ssl_use_private_key(ssl, &pair.key));
+        if let Err(e) = result {
+            tracing::error!(error = %e, "could not hand the certificate to a TLS handshake");
+        }
+    }
 }
 
 /// The certificate and key files to serve, generating the development pair when nothing is configured.
@@ -47,10 +150,9 @@ pub fn resolve_files(config: &TlsConfig) -> Result<(PathBuf, PathBuf), TlsError>
     }
 }
 
-/// Listener settings for `cert` and `key`.
-pub fn settings(cert: &Path, key: &Path) -> Result<TlsSettings, TlsError> {
-    let mut tls = TlsSettings::intermediate(&cert.to_string_lossy(), &key.to_string_lossy())
-        .map_err(|e| TlsError::Load(e.to_string()))?;
+/// Listener settings serving the pairs of `store`.
+pub fn settings(store: Arc<CertStore>) -> Result<TlsSettings, TlsError> {
+    let mut tls = TlsSettings::with_callbacks(Box::new(Callbacks(store))).map_err(|e| TlsError::Load(e.to_string()))?;
     tls.set_min_proto_version(Some(SslVersion::TLS1_2))?;
     tls.set_max_proto_version(Some(SslVersion::TLS1_3))?;
     tls.enable_h2();
@@ -130,14 +232,22 @@ mod tests {
             .collect();
         assert!(sans.iter().any(|s| s == "localhost"), "{sans:?}");
         assert!(sans.iter().any(|s| s.contains("127, 0, 0, 1")), "{sans:?}");
-        assert!(settings(&cert, &key).is_ok());
+        let store = CertStore::open(cert.clone(), key.clone()).expect("load");
+        assert_eq!(store.current().fingerprint.len(), 64);
+        assert!(store.current().not_after_unix > 0);
+        assert!(settings(store).is_ok());
         ensure_dev_cert(dir.path()).expect("again");
         assert_eq!(first, fs::read(&cert).expect("read"), "an existing certificate is kept");
     }
 
     #[test]
     fn half_a_configuration_is_refused() {
-        let c = TlsConfig { cert_path: Some("/x".into()), key_path: None, dev_cert_dir: "/tmp".into() };
+        let c = TlsConfig {
+            cert_path: Some("/x".into()),
+            key_path: None,
+            dev_cert_dir: "/tmp".into(),
+            reload_interval_secs: 1,
+        };
         assert!(matches!(resolve_files(&c), Err(TlsError::HalfConfigured)));
     }
 }

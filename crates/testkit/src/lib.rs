@@ -5,6 +5,7 @@
 //! On a failing test, the logs of the processes are printed.
 
 pub mod burst;
+pub mod certs;
 pub mod echo;
 pub mod idp;
 pub mod kafka;
