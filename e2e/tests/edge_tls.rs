@@ -128,3 +128,65 @@ async fn refused_start(stack: &Stack, pair: &Pair, key: &Path, dir: &Path) -> an
     }
     Ok((true, edge.log_text()))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plain_http_listener_only_redirects_to_https() -> anyhow::Result<()> {
+    let redirect_port = free_port();
+    let edge = |k: &str, v: String| ("edge", k.to_owned(), v);
+    let mut opts = StackOptions { gateway: false, workers: false, ..StackOptions::default() };
+    opts.env.push(edge("EDGE_REDIRECT__LISTEN", format!("127.0.0.1:{redirect_port}")));
+    let stack = Stack::start(opts).await?;
+    // Without `redirect.https_port` the Location names no port: the standard 443 of a public load balancer.
+    let _echo = testkit::echo::start(stack.ports.gateway).await?;
+    testkit::wait_listening(redirect_port, Duration::from_secs(10), "the redirect listener").await?;
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+    let base = format!("http://localhost:{redirect_port}");
+
+    let r = http.get(format!("{base}/v1/orders/42?verbose=1")).send().await?;
+    assert_eq!(r.status(), 301);
+    assert_eq!(r.headers()["location"], "https://localhost/v1/orders/42?verbose=1");
+    let r = http.post(format!("{base}/v1/orders")).body("{}").send().await?;
+    assert_eq!(r.status(), 308, "other methods keep their method");
+    assert_eq!(r.headers()["location"], "https://localhost/v1/orders");
+
+    // HTTP/1.0 without Host: no redirect to a made-up host.
+    let raw = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", redirect_port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n")?;
+        // The answer, up to the end of its headers (whether the server then closes is not the point here).
+        let (mut out, mut buf) = (Vec::new(), [0u8; 1024]);
+        while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf)?;
+            anyhow::ensure!(n > 0, "closed without an answer");
+            out.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    })
+    .await??;
+    assert!(raw.starts_with("HTTP/1.0 400") || raw.starts_with("HTTP/1.1 400"), "{raw}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redirect_names_the_public_https_port_and_leads_to_the_api() -> anyhow::Result<()> {
+    let (redirect_port, https_port) = (free_port(), free_port());
+    let edge = |k: &str, v: String| ("edge", k.to_owned(), v);
+    let mut opts = StackOptions { gateway: false, workers: false, ..StackOptions::default() };
+    opts.env.push(edge("EDGE_REDIRECT__LISTEN", format!("127.0.0.1:{redirect_port}")));
+    opts.env.push(edge("EDGE_REDIRECT__HTTPS_PORT", https_port.to_string()));
+    opts.env.push(edge("EDGE_LISTEN", format!("127.0.0.1:{https_port}")));
+    let stack = Stack::start(opts).await?;
+    let _echo = testkit::echo::start(stack.ports.gateway).await?;
+    testkit::wait_listening(redirect_port, Duration::from_secs(10), "the redirect listener").await?;
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
+    let r = http.get(format!("http://127.0.0.1:{redirect_port}/v1/echo")).send().await?;
+    assert_eq!(r.status(), 301);
+    let location = r.headers()["location"].to_str()?.to_owned();
+    assert_eq!(location, format!("https://127.0.0.1:{https_port}/v1/echo"));
+    // Following it reaches the API over TLS.
+    let https = https_client_trusting(&stack.tls_dir().join("dev-cert.pem"), None)?;
+    assert_eq!(https.get(&location).send().await?.status(), 200);
+    Ok(())
+}

@@ -23,6 +23,17 @@ pub struct Config {
     /// Socket through which a new edge process takes the listeners over on `SIGQUIT` (zero-downtime upgrade).
     pub upgrade_sock: PathBuf,
     pub policy: PolicyConfig,
+    pub redirect: RedirectConfig,
+}
+
+/// An optional plain-HTTP listener that only redirects to HTTPS (nginx's `return 301 https://$host$request_uri`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedirectConfig {
+    /// Where to listen for plain HTTP; unset: no such listener.
+    pub listen: Option<SocketAddr>,
+    /// The public HTTPS port put in `Location` (left out when 443, or when unset).
+    pub https_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +63,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             upgrade_sock: PathBuf::from(".stack/edge-upgrade.sock"),
             policy: PolicyConfig::default(),
+            redirect: RedirectConfig::default(),
         }
     }
 }

@@ -8,6 +8,7 @@ mod admin;
 mod config;
 mod proxy;
 mod ratelimit;
+mod redirect;
 mod reload;
 mod respond;
 mod tls;
@@ -189,6 +190,15 @@ fn main() -> anyhow::Result<()> {
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
     service.add_tls_with_settings(&config.listen.to_string(), None, tls_settings);
     server.add_service(service);
+    if let Some(addr) = config.redirect.listen {
+        let mut redirect = pingora::services::listening::Service::new(
+            "https-redirect".to_owned(),
+            redirect::Redirect { https_port: config.redirect.https_port },
+        );
+        redirect.add_tcp(&addr.to_string());
+        server.add_service(redirect);
+        tracing::info!(listen = %addr, "plain-HTTP listener redirects to HTTPS");
+    }
     server.add_service(background_service(
         "policy-reload",
         reload::PolicyReloader {
