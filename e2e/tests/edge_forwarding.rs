@@ -6,8 +6,7 @@ use testkit::{Stack, StackOptions};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() -> anyhow::Result<()> {
     let stack = Stack::start(StackOptions { gateway: false, workers: false, ..StackOptions::default() }).await?;
-    // The upstream is an echo server on the port the gateway would have had.
-    let _echo = testkit::echo::start(stack.ports.gateway).await?;
+    // Without a gateway the stack puts an echo server on its port (the upstream).
     let ca = reqwest::Certificate::from_pem(&std::fs::read(stack.tls_dir().join("dev-cert.pem"))?)?;
     // HTTP/1.1: the only version with a Connection header (HTTP/2 forbids it).
     let client = reqwest::Client::builder().tls_certs_only([ca.clone()]).http1_only().build()?;

@@ -44,7 +44,6 @@ async fn the_certificate_is_reloaded_without_a_restart_and_bad_ones_are_refused(
         ..StackOptions::default()
     })
     .await?;
-    let _echo = testkit::echo::start(stack.ports.gateway).await?;
     let port = stack.ports.edge;
     let url = format!("https://localhost:{port}/v1/echo");
     assert_eq!(served(port).await?, a.sha256);
@@ -135,9 +134,8 @@ async fn the_plain_http_listener_only_redirects_to_https() -> anyhow::Result<()>
     let edge = |k: &str, v: String| ("edge", k.to_owned(), v);
     let mut opts = StackOptions { gateway: false, workers: false, ..StackOptions::default() };
     opts.env.push(edge("EDGE_REDIRECT__LISTEN", format!("127.0.0.1:{redirect_port}")));
-    let stack = Stack::start(opts).await?;
+    let _stack = Stack::start(opts).await?;
     // Without `redirect.https_port` the Location names no port: the standard 443 of a public load balancer.
-    let _echo = testkit::echo::start(stack.ports.gateway).await?;
     testkit::wait_listening(redirect_port, Duration::from_secs(10), "the redirect listener").await?;
     let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
     let base = format!("http://localhost:{redirect_port}");
@@ -178,7 +176,6 @@ async fn the_redirect_names_the_public_https_port_and_leads_to_the_api() -> anyh
     opts.env.push(edge("EDGE_REDIRECT__HTTPS_PORT", https_port.to_string()));
     opts.env.push(edge("EDGE_LISTEN", format!("127.0.0.1:{https_port}")));
     let stack = Stack::start(opts).await?;
-    let _echo = testkit::echo::start(stack.ports.gateway).await?;
     testkit::wait_listening(redirect_port, Duration::from_secs(10), "the redirect listener").await?;
     let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
     let r = http.get(format!("http://127.0.0.1:{redirect_port}/v1/echo")).send().await?;

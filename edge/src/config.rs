@@ -90,14 +90,66 @@ impl Default for TlsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// The gateway, as `host:port`.
+    /// The gateway, as `host:port`, when `servers` is empty.
     pub address: String,
+    /// The gateway instances, `host:port` each (a list, or one string separated by commas); names are resolved
+    /// again every `resolve_interval_secs` (a Kubernetes headless Service).
+    #[serde(deserialize_with = "string_list")]
+    pub servers: Vec<String>,
+    pub resolve_interval_secs: u64,
+    pub balance: edge::upstream::Balance,
+    pub health: edge::upstream::HealthConfig,
+    /// Failures in a row (connect errors, resets, timeouts) that eject an instance ...
+    pub max_fails: u32,
+    /// ... for this long (or until an active check passes after it went unhealthy).
+    pub fail_timeout_secs: u64,
+    /// Instances a request may be tried on: a retry happens only when the request never reached the instance
+    /// (connection failed) or its method is idempotent.
+    pub max_tries: usize,
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the upstream between two reads (a sync order waits up to the gateway's `sync.timeout_ms`).
+    pub read_timeout_ms: u64,
+    /// How long an idle keep-alive connection to an instance is kept for reuse.
+    pub idle_timeout_secs: u64,
+}
+
+impl UpstreamConfig {
+    /// `servers`, or `address` alone.
+    pub fn server_list(&self) -> Vec<String> {
+        if self.servers.is_empty() { vec![self.address.clone()] } else { self.servers.clone() }
+    }
 }
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
-        Self { address: "127.0.0.1:8080".into() }
+        Self {
+            address: "127.0.0.1:8080".into(),
+            servers: Vec::new(),
+            resolve_interval_secs: 5,
+            balance: edge::upstream::Balance::default(),
+            health: edge::upstream::HealthConfig::default(),
+            max_fails: 3,
+            fail_timeout_secs: 10,
+            max_tries: 2,
+            connect_timeout_ms: 1000,
+            read_timeout_ms: 30_000,
+            idle_timeout_secs: 60,
+        }
     }
+}
+
+/// A list of strings from a TOML array or from one comma-separated string (an environment variable).
+fn string_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        One(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(v) => v,
+        Either::One(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -5,3 +5,4 @@ pub mod client;
 pub mod limiter;
 pub mod limits;
 pub mod policy;
+pub mod upstream;

@@ -6,6 +6,7 @@
 
 mod admin;
 mod config;
+mod health;
 mod proxy;
 mod ratelimit;
 mod redirect;
@@ -118,7 +119,7 @@ fn main() -> anyhow::Result<()> {
     let tls_settings = tls::settings(certs.clone())?;
 
     let metrics = Metrics::new("edge")?;
-    let readiness = Readiness::new(&["proxy", "policy"]);
+    let readiness = Readiness::new(&["proxy", "policy", "upstream"]);
     metrics.observe_readiness(&readiness);
     readiness.set("policy", true);
     let meter = metrics.meter();
@@ -180,8 +181,39 @@ fn main() -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(Some(opt), server_conf);
     server.bootstrap();
 
+    let up = &config.upstream;
+    let pool = Arc::new(edge::upstream::Pool::new(
+        up.balance,
+        up.max_fails,
+        Duration::from_secs(up.fail_timeout_secs),
+        up.health.clone(),
+    ));
+    {
+        let pool = pool.clone();
+        metrics
+            .meter()
+            .u64_observable_gauge("edge.upstream.healthy")
+            .with_description("Whether each gateway instance passes its health checks (1) or not (0)")
+            .with_callback(move |o| {
+                for i in pool.instances() {
+                    o.observe(u64::from(i.is_healthy()), &[KeyValue::new("instance", i.addr.to_string())]);
+                }
+            })
+            .build();
+    }
     let proxy = proxy::EdgeProxy {
-        upstream: config.upstream.address.clone(),
+        pool: pool.clone(),
+        timeouts: proxy::PeerTimeouts {
+            connect: Duration::from_millis(up.connect_timeout_ms.max(1)),
+            read: Duration::from_millis(up.read_timeout_ms.max(1)),
+            idle: Duration::from_secs(up.idle_timeout_secs),
+        },
+        max_tries: up.max_tries.max(1),
+        retries: metrics
+            .meter()
+            .u64_counter("edge.upstream.retries")
+            .with_description("Requests tried again on another gateway instance, by reason")
+            .build(),
         duration,
         limiter: limiter.clone(),
         limit_metrics,
@@ -209,6 +241,16 @@ fn main() -> anyhow::Result<()> {
         },
     ));
     server.add_service(background_service(
+        "upstream",
+        health::UpstreamWatch {
+            pool,
+            discovery: tokio::sync::Mutex::new(edge::upstream::Discovery::new(up.server_list())),
+            resolve_every: Duration::from_secs(up.resolve_interval_secs.max(1)),
+            check_every: Duration::from_millis(up.health.interval_ms.max(100)),
+            readiness: readiness.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "tls-reload",
         reload::CertReloader {
             store: certs.clone(),
@@ -221,7 +263,7 @@ fn main() -> anyhow::Result<()> {
         admin::AdminService { listener: Mutex::new(Some(admin_listener)), state: AdminState { readiness, metrics } },
     ));
 
-    tracing::info!(listen = %config.listen, admin = %config.admin_listen, upstream = %config.upstream.address,
+    tracing::info!(listen = %config.listen, admin = %config.admin_listen, upstream = ?config.upstream.server_list(),
         cert = %cert.display(), sha256 = %certs.current().fingerprint, "edge starting");
     server.run(RunArgs { shutdown_signal: Box::new(Signals) });
     tracing.shutdown();

@@ -1,16 +1,19 @@
 //! The request's life through the edge, written as Pingora's phases:
-//! `request_filter` names the request and applies the rate limits (see `ratelimit`), `upstream_peer` picks the
-//! gateway, `upstream_request_filter` sets the forwarding headers, `response_filter` echoes the request id and
-//! the rate-limit headers, `logging` records the metrics.
+//! `request_filter` names the request and applies the rate limits (see `ratelimit`), `upstream_peer` picks a
+//! gateway instance from the pool (see `edge::upstream`), `fail_to_connect` / `error_while_proxy` report failures
+//! and decide retries on another instance, `upstream_request_filter` sets the forwarding headers,
+//! `response_filter` echoes the request id and the rate-limit headers, `logging` records the metrics.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use edge::limiter::Limiter;
+use edge::upstream::{Lease, Pool};
 use opentelemetry::KeyValue;
 use opentelemetry::global::BoxedTracer;
-use opentelemetry::metrics::Histogram;
+use opentelemetry::metrics::{Counter, Histogram};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
 use pingora::proxy::FailToProxy;
@@ -30,10 +33,24 @@ pub struct RequestCtx {
     limits: Applied,
     /// The request's SERVER span (a no-op span carrying the incoming context when tracing is off).
     trace: Context,
+    /// The instance the request is on (counted as in flight while held).
+    lease: Option<Lease>,
+    /// Instances this request failed on: a retry goes elsewhere.
+    tried: Vec<SocketAddr>,
+}
+
+/// Timeouts of the connections to the gateway instances.
+pub struct PeerTimeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub idle: Duration,
 }
 
 pub struct EdgeProxy {
-    pub upstream: String,
+    pub pool: Arc<Pool>,
+    pub timeouts: PeerTimeouts,
+    pub max_tries: usize,
+    pub retries: Counter<u64>,
     pub duration: Histogram<f64>,
     pub limiter: Arc<Limiter>,
     pub limit_metrics: LimitMetrics,
@@ -50,6 +67,8 @@ impl ProxyHttp for EdgeProxy {
             request_id: String::new(),
             limits: Applied::default(),
             trace: Context::new(),
+            lease: None,
+            tried: Vec::new(),
         }
     }
 
@@ -65,8 +84,75 @@ impl ProxyHttp for EdgeProxy {
             .await
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(self.upstream.as_str(), false, String::new())))
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+        // A retry: the previous instance failed this request.
+        if let Some(previous) = ctx.lease.take() {
+            ctx.tried.push(previous.instance.addr);
+        }
+        let Some(lease) = self.pool.pick(&ctx.tried) else {
+            // Nobody to send it to: 503 at once (see fail_to_proxy), never a hang.
+            return Err(pingora::Error::explain(ErrorType::ConnectNoRoute, "no healthy upstream instance"));
+        };
+        let mut peer = HttpPeer::new(lease.instance.addr, false, String::new());
+        peer.options.connection_timeout = Some(self.timeouts.connect);
+        peer.options.read_timeout = Some(self.timeouts.read);
+        peer.options.idle_timeout = Some(self.timeouts.idle);
+        ctx.lease = Some(lease);
+        Ok(Box::new(peer))
+    }
+
+    /// The request never reached the instance: always safe to try another one.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<pingora::Error>,
+    ) -> Box<pingora::Error> {
+        if let Some(lease) = &ctx.lease {
+            self.pool.report_failure(&lease.instance);
+        }
+        if ctx.tried.len() + 1 < self.max_tries {
+            e.set_retry(true);
+            self.retries.add(1, &[KeyValue::new("reason", "connect")]);
+        }
+        e
+    }
+
+    /// The exchange failed after the request was sent: only an idempotent request whose body is still buffered
+    /// is tried again, on another instance.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<pingora::Error>,
+        ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<pingora::Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // A pooled connection the instance had already closed says nothing about the instance.
+        if !client_reused && let Some(lease) = &ctx.lease {
+            self.pool.report_failure(&lease.instance);
+        }
+        let replayable = session.req_header().method.is_idempotent() && !session.as_ref().retry_buffer_truncated();
+        let retry = replayable && ctx.tried.len() + 1 < self.max_tries;
+        e.set_retry(retry);
+        if retry {
+            self.retries.add(1, &[KeyValue::new("reason", "idempotent")]);
+        }
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(lease) = &ctx.lease {
+            self.pool.report_success(&lease.instance);
+        }
+        Ok(())
     }
 
     async fn upstream_request_filter(

@@ -154,7 +154,14 @@ def config_model(service: str) -> tuple[str, dict[str, dict[str, str]]]:
     """(root struct, {struct: {field: type}}) from <service>/src/config.rs, then service-core's shared structs
     (LogConfig, DatabaseConfig) for the names the service does not define itself."""
     structs: dict[str, dict[str, str]] = {}
-    files = [ROOT / service / "src" / "config.rs", *sorted((ROOT / "crates" / "service-core" / "src").glob("*.rs"))]
+    # config.rs first (the root struct), then the service's other modules (e.g. edge/src/upstream.rs), then
+    # service-core's shared structs.
+    src = ROOT / service / "src"
+    files = [
+        src / "config.rs",
+        *sorted(p for p in src.glob("*.rs") if p.name != "config.rs"),
+        *sorted((ROOT / "crates" / "service-core" / "src").glob("*.rs")),
+    ]
     for f in files:
         for m in _STRUCT.finditer(f.read_text()):
             fields = {fm.group(1): fm.group(2).strip() for fm in _FIELD.finditer(m.group(2))}
@@ -716,9 +723,17 @@ def check_network_policies(r: Render) -> list[str]:
                     problems.append(f"{np}: ingress rule without ports")
                 peers = rule.get("from")
                 if "admin" in ports:
-                    ok = peers and all(
-                        set(((p.get("namespaceSelector") or {}).get("matchExpressions") or [{}])[0].get("values", [])) <= monitoring
-                        and (p.get("namespaceSelector") or {}).get("matchExpressions") for p in peers)
+                    def monitoring_peer(p):
+                        ns = (p.get("namespaceSelector") or {}).get("matchExpressions")
+                        return bool(ns) and set((ns or [{}])[0].get("values", [])) <= monitoring
+
+                    def edge_health_checks(p):
+                        # The gateway's admin port also serves the edge's health checks (same namespace).
+                        sel = (p.get("podSelector") or {}).get("matchLabels") or {}
+                        return (comp == "gateway" and "namespaceSelector" not in p
+                                and sel.get("app.kubernetes.io/component") == "edge")
+
+                    ok = peers and all(monitoring_peer(p) or edge_health_checks(p) for p in peers)
                     if not ok:
                         problems.append(f"{np}: admin port open beyond the monitoring namespaces")
                 elif comp == "gateway":

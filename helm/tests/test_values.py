@@ -247,3 +247,14 @@ def test_gateway_idempotency_settings():
     env = chartlib.container_env(r, c)
     assert (env["GATEWAY_IDEMPOTENCY__ENABLED"], env["GATEWAY_IDEMPOTENCY__TTL_SECS"]) == ("false", "600")
     assert env["GATEWAY_IDEMPOTENCY__POOL_SIZE"] == "2"
+
+
+def test_edge_balances_over_the_gateway_pods_and_checks_their_readiness():
+    r = rendered("default")
+    c = r.get("Deployment", "orders-edge-edge").doc["spec"]["template"]["spec"]["containers"][0]
+    env = chartlib.container_env(r, c)
+    host, port = env["EDGE_UPSTREAM__SERVERS"].rsplit(":", 1)
+    headless = r.get("Service", "orders-edge-gateway-pods").doc["spec"]
+    assert headless["clusterIP"] == "None" and host.startswith("orders-edge-gateway-pods.")
+    ports = {p["name"]: p["port"] for p in headless["ports"]}
+    assert int(port) == ports["http"] and int(env["EDGE_UPSTREAM__HEALTH__PORT"]) == ports["admin"]

@@ -38,6 +38,9 @@ impl Default for StackOptions {
 /// A running stack. Field order is drop order: services stop before the broker and the database.
 pub struct Stack {
     pub edge: Option<Service>,
+    /// With an edge but no gateway: an echo server (see [`crate::echo`]) on the gateway's port, so that the edge
+    /// has a healthy upstream.
+    pub echo: Option<AbortOnDrop>,
     pub gateway: Option<Service>,
     pub workers: Option<Service>,
     pub tansu: Tansu,
@@ -46,6 +49,18 @@ pub struct Stack {
     pub ports: Ports,
     pub dir: TempDir,
     env: Vec<(&'static str, String, String)>,
+    /// Where the edge checks its upstream's health: the gateway's admin port, or 0 (the traffic port: the echo
+    /// server answers every path).
+    gateway_health_port: u16,
+}
+
+/// A task stopped when this is dropped.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The ports the services listen on.
@@ -73,8 +88,22 @@ impl Stack {
             gateway_admin: free_port(),
             workers_admin: free_port(),
         };
-        let mut stack =
-            Self { edge: None, gateway: None, workers: None, tansu, postgres, key, ports, dir, env: opts.env };
+        let mut stack = Self {
+            edge: None,
+            echo: None,
+            gateway: None,
+            workers: None,
+            tansu,
+            postgres,
+            key,
+            ports,
+            dir,
+            env: opts.env,
+            gateway_health_port: if opts.gateway { ports.gateway_admin } else { 0 },
+        };
+        if opts.edge && !opts.gateway {
+            stack.echo = Some(AbortOnDrop(crate::echo::start(ports.gateway).await?));
+        }
         if opts.workers {
             stack.workers = Some(stack.spawn_workers()?);
         }
@@ -137,6 +166,14 @@ impl Stack {
         Service::spawn(name, &bin_path("gateway"), &[], &env, self.dir.path())
     }
 
+    /// An edge named `name` on the stack's edge ports (start the stack with `edge: false`), with `extra`
+    /// environment variables (`EDGE_...` settings) on top of the stack's.
+    pub fn spawn_edge(&self, name: &str, extra: &[(&str, String)]) -> anyhow::Result<Service> {
+        let mut env = self.with_extra("edge", self.edge_env());
+        env.extend(extra.iter().map(|(k, v)| kv(k, v.clone())));
+        Service::spawn(name, &bin_path("edge"), &[], &env, self.dir.path())
+    }
+
     fn gateway_env(&self, port: u16, admin_port: u16) -> Vec<(String, String)> {
         vec![
             kv("GATEWAY_LISTEN", format!("127.0.0.1:{port}")),
@@ -156,6 +193,8 @@ impl Stack {
             kv("EDGE_LISTEN", format!("127.0.0.1:{}", self.ports.edge)),
             kv("EDGE_ADMIN_LISTEN", format!("127.0.0.1:{}", self.ports.edge_admin)),
             kv("EDGE_UPSTREAM__ADDRESS", format!("127.0.0.1:{}", self.ports.gateway)),
+            kv("EDGE_UPSTREAM__HEALTH__PORT", self.gateway_health_port.to_string()),
+            kv("EDGE_UPSTREAM__HEALTH__INTERVAL_MS", "500".into()),
             kv("EDGE_TLS__DEV_CERT_DIR", self.tls_dir().display().to_string()),
             kv("EDGE_UPGRADE_SOCK", self.dir.path().join("upgrade.sock").display().to_string()),
             kv("EDGE_SHUTDOWN__GRACE_PERIOD_SECS", "0".into()),
