@@ -59,39 +59,69 @@ impl PolicyReloader {
     }
 }
 
-#[async_trait]
-impl BackgroundService for PolicyReloader {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "no SIGHUP handler; reloading on file changes only");
-                None
+/// Something reloaded from files: at once on SIGHUP, else when the fingerprint of its files changes (checked
+/// every `interval`).
+trait Watched: Sync {
+    type Print: PartialEq + Send;
+    fn fingerprint(&self) -> Self::Print;
+    fn reload(&self, why: &str);
+    /// Other periodic work on the same timer.
+    fn tick(&self) {}
+}
+
+async fn watch<W: Watched>(w: &W, interval: Duration, mut shutdown: ShutdownWatch) {
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; reloading on file changes only");
+            None
+        }
+    };
+    let mut seen = w.fingerprint();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                seen = w.fingerprint();
+                w.reload("SIGHUP");
             }
-        };
-        let mut seen = fingerprint(&self.dir);
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
-                    seen = fingerprint(&self.dir);
-                    self.reload("SIGHUP");
+            _ = tick.tick() => {
+                let now = w.fingerprint();
+                if now != seen {
+                    seen = now;
+                    w.reload("files changed");
                 }
-                _ = tick.tick() => {
-                    let now = fingerprint(&self.dir);
-                    if now != seen {
-                        seen = now;
-                        self.reload("files changed");
-                    }
-                    let swept = self.limiter.sweep();
-                    if swept > 0 {
-                        tracing::debug!(swept, "forgot drained rate-limit keys");
-                    }
-                }
+                w.tick();
             }
         }
+    }
+}
+
+impl Watched for PolicyReloader {
+    type Print = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+    fn fingerprint(&self) -> Self::Print {
+        fingerprint(&self.dir)
+    }
+
+    fn reload(&self, why: &str) {
+        PolicyReloader::reload(self, why);
+    }
+
+    fn tick(&self) {
+        let swept = self.limiter.sweep();
+        if swept > 0 {
+            tracing::debug!(swept, "forgot drained rate-limit keys");
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for PolicyReloader {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        watch(self, self.interval, shutdown).await;
     }
 }
 
@@ -130,28 +160,21 @@ impl CertReloader {
     }
 }
 
+impl Watched for CertReloader {
+    type Print = Vec<(u64, Option<SystemTime>)>;
+
+    fn fingerprint(&self) -> Self::Print {
+        self.files()
+    }
+
+    fn reload(&self, why: &str) {
+        CertReloader::reload(self, why);
+    }
+}
+
 #[async_trait]
 impl BackgroundService for CertReloader {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut hup = signal(SignalKind::hangup()).ok();
-        let mut seen = self.files();
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
-                    seen = self.files();
-                    self.reload("SIGHUP");
-                }
-                _ = tick.tick() => {
-                    let now = self.files();
-                    if now != seen {
-                        seen = now;
-                        self.reload("files changed");
-                    }
-                }
-            }
-        }
+    async fn start(&self, shutdown: ShutdownWatch) {
+        watch(self, self.interval, shutdown).await;
     }
 }
