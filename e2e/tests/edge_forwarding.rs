@@ -41,3 +41,44 @@ async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() -> anyhow::Res
     assert!(seen["headers"]["x-request-id"][0].as_str().is_some_and(|id| !id.is_empty()), "generated: {seen}");
     Ok(())
 }
+
+/// One JSON access log line per request, with what an operator looks for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_gets_one_json_access_log_line() -> anyhow::Result<()> {
+    let stack = Stack::start(StackOptions { gateway: false, workers: false, ..StackOptions::default() }).await?;
+    let client = stack.https_client()?;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let resp = client
+        .get(format!("{}/v1/echo?secret=not-logged", stack.edge_url()))
+        .header("x-request-id", "access-log-1")
+        .header("traceparent", traceparent)
+        .header("user-agent", "access-log-test")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    let body_len = resp.bytes().await?.len() as u64;
+    let edge = stack.edge.as_ref().ok_or_else(|| anyhow::anyhow!("no edge"))?;
+    let line: Value = testkit::eventually(std::time::Duration::from_secs(5), "the access log line", || async {
+        edge.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["log"] == "access" && v["request_id"] == "access-log-1")
+    })
+    .await?;
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/v1/echo", "no query string: it may carry secrets");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["bytes"].as_u64(), Some(body_len));
+    assert_eq!(line["client"], "127.0.0.1");
+    assert_eq!(line["upstream"], format!("127.0.0.1:{}", stack.ports.gateway));
+    assert_eq!(line["tries"], 1);
+    assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "the client's trace continues");
+    assert_eq!(line["rate_limit"], "immediate");
+    assert_eq!(line["user_agent"], "access-log-test");
+    let (upstream, total) = (line["upstream_ms"].as_f64().unwrap_or(-1.0), line["total_ms"].as_f64().unwrap_or(-1.0));
+    assert!(upstream >= 0.0 && total >= upstream, "{line}");
+    assert!(line["time"].as_str().is_some_and(|t| t.ends_with('Z') && t.contains('T')), "{line}");
+    let lines = edge.log_text().lines().filter(|l| l.contains("\"request_id\":\"access-log-1\"")).count();
+    assert_eq!(lines, 1, "exactly one line per request");
+    Ok(())
+}

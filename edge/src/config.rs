@@ -24,6 +24,9 @@ pub struct Config {
     pub upgrade_sock: PathBuf,
     pub policy: PolicyConfig,
     pub redirect: RedirectConfig,
+    /// One JSON line per request on stdout: time, client, method, path, status, bytes, upstream and its time,
+    /// total time, rate-limit decision, request and trace ids.
+    pub access_log: bool,
 }
 
 /// An optional plain-HTTP listener that only redirects to HTTPS (nginx's `return 301 https://$host$request_uri`).
@@ -64,6 +67,7 @@ impl Default for Config {
             upgrade_sock: PathBuf::from(".stack/edge-upgrade.sock"),
             policy: PolicyConfig::default(),
             redirect: RedirectConfig::default(),
+            access_log: true,
         }
     }
 }

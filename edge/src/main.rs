@@ -209,6 +209,7 @@ fn main() -> anyhow::Result<()> {
             idle: Duration::from_secs(up.idle_timeout_secs),
         },
         max_tries: up.max_tries.max(1),
+        access_log: config.access_log,
         retries: metrics
             .meter()
             .u64_counter("edge.upstream.retries")

@@ -37,6 +37,11 @@ pub struct RequestCtx {
     lease: Option<Lease>,
     /// Instances this request failed on: a retry goes elsewhere.
     tried: Vec<SocketAddr>,
+    /// When the first instance was picked, and how long until its response header came (the access log).
+    upstream_started: Option<Instant>,
+    upstream_ms: Option<f64>,
+    /// The trace id sent upstream in `traceparent`.
+    trace_id: Option<String>,
 }
 
 /// Timeouts of the connections to the gateway instances.
@@ -51,6 +56,8 @@ pub struct EdgeProxy {
     pub timeouts: PeerTimeouts,
     pub max_tries: usize,
     pub retries: Counter<u64>,
+    /// One JSON line per request on stdout.
+    pub access_log: bool,
     pub duration: Histogram<f64>,
     pub limiter: Arc<Limiter>,
     pub limit_metrics: LimitMetrics,
@@ -69,6 +76,9 @@ impl ProxyHttp for EdgeProxy {
             trace: Context::new(),
             lease: None,
             tried: Vec::new(),
+            upstream_started: None,
+            upstream_ms: None,
+            trace_id: None,
         }
     }
 
@@ -98,6 +108,7 @@ impl ProxyHttp for EdgeProxy {
         peer.options.read_timeout = Some(self.timeouts.read);
         peer.options.idle_timeout = Some(self.timeouts.idle);
         ctx.lease = Some(lease);
+        ctx.upstream_started.get_or_insert_with(Instant::now);
         Ok(Box::new(peer))
     }
 
@@ -152,6 +163,7 @@ impl ProxyHttp for EdgeProxy {
         if let Some(lease) = &ctx.lease {
             self.pool.report_success(&lease.instance);
         }
+        ctx.upstream_ms = ctx.upstream_started.map(|t| t.elapsed().as_secs_f64() * 1000.0);
         Ok(())
     }
 
@@ -180,10 +192,10 @@ impl ProxyHttp for EdgeProxy {
 
         // The gateway's span is a child of ours; without tracing, a valid incoming context passes unchanged, and
         // a request without one still gets a fresh trace id to correlate logs.
-        match telemetry::traceparent(&ctx.trace) {
-            Some(tp) => upstream.insert_header("traceparent", tp)?,
-            None => upstream.insert_header("traceparent", new_traceparent())?,
-        }
+        let traceparent = telemetry::traceparent(&ctx.trace).unwrap_or_else(new_traceparent);
+        // `00-{trace id}-{span id}-{flags}`: the access log names the trace the upstream continues.
+        ctx.trace_id = traceparent.get(3..35).map(str::to_owned);
+        upstream.insert_header("traceparent", traceparent)?;
         Ok(())
     }
 
@@ -260,6 +272,9 @@ impl ProxyHttp for EdgeProxy {
         if let Some(e) = error {
             tracing::warn!(request_id = %ctx.request_id, status, error = %e, "request failed");
         }
+        if self.access_log {
+            access_log(session, status, ctx);
+        }
         tracing::debug!(request_id = %ctx.request_id, status, rate_limit = ctx.limits.outcome,
             delay_ms = ctx.limits.delay_ms, "request done");
     }
@@ -286,6 +301,40 @@ impl EdgeProxy {
             }
         })
     }
+}
+
+/// Writes the request's access log line: one JSON object on stdout (what a log collector in Kubernetes reads),
+/// written whole in one `write`.
+fn access_log(session: &Session, status: u16, ctx: &RequestCtx) {
+    use std::io::Write as _;
+    let req = session.req_header();
+    // The trace the upstream continued, else the client's (a request answered at the edge).
+    let trace_id = ctx.trace_id.clone().or_else(|| {
+        let sc = ctx.trace.span().span_context().clone();
+        sc.is_valid().then(|| sc.trace_id().to_string())
+    });
+    let line = serde_json::json!({
+        "time": time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        "log": "access",
+        "client": ctx.limits.client,
+        "method": req.method.as_str(),
+        "path": req.uri.path(),
+        "protocol": format!("{:?}", req.version),
+        "status": status,
+        "bytes": session.body_bytes_sent(),
+        "upstream": ctx.lease.as_ref().map(|l| l.instance.addr.to_string()),
+        "upstream_ms": ctx.upstream_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
+        "total_ms": (ctx.started.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
+        "tries": ctx.tried.len() + usize::from(ctx.lease.is_some()),
+        "rate_limit": if ctx.limits.outcome.is_empty() { None } else { Some(ctx.limits.outcome) },
+        "rate_limit_delay_ms": ctx.limits.delay_ms,
+        "request_id": ctx.request_id,
+        "trace_id": trace_id,
+        "user_agent": header(req, "user-agent"),
+    });
+    let mut text = line.to_string();
+    text.push('\n');
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 fn error_type(e: &pingora::Error) -> &'static str {

@@ -25,6 +25,8 @@ pub struct Applied {
     pub outcome: &'static str,
     pub delay_ms: u64,
     pub headers: Vec<(&'static str, String)>,
+    /// The client key's address (the peer, or the right-most untrusted `X-Forwarded-For` entry).
+    pub client: String,
 }
 
 /// Runs the limiter for `session`. Returns `Ok(true)` when the request was answered (rejected) here.
@@ -39,6 +41,7 @@ pub async fn apply(
     let Some(peer) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) else {
         return Ok(false);
     };
+    applied.client = peer.to_string();
     let verdict = {
         let req = session.req_header();
         let get = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -55,6 +58,7 @@ pub async fn apply(
         limiter.check(&info)
     };
     let Some(verdict) = verdict else { return Ok(false) };
+    applied.client = verdict.client_ip.to_string();
     record(metrics, &verdict);
     annotate(trace, &verdict);
     applied.headers = rate_limit_headers(&verdict);
