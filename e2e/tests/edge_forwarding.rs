@@ -80,5 +80,18 @@ async fn every_request_gets_one_json_access_log_line() -> anyhow::Result<()> {
     assert!(line["time"].as_str().is_some_and(|t| t.ends_with('Z') && t.contains('T')), "{line}");
     let lines = edge.log_text().lines().filter(|l| l.contains("\"request_id\":\"access-log-1\"")).count();
     assert_eq!(lines, 1, "exactly one line per request");
+
+    // The same request in the metrics: by status class and policy route, and the upstream's time per instance.
+    let text = reqwest::get(stack.admin_url(stack.ports.edge_admin, "/metrics")).await?.text().await?;
+    let instance = format!("instance=\"127.0.0.1:{}\"", stack.ports.gateway);
+    assert!(
+        testkit::metric(&text, "edge_upstream_duration_seconds_count", &[&instance, "status_class=\"2xx\""]) >= 1.0,
+        "{text}"
+    );
+    let route_line = text
+        .lines()
+        .find(|l| l.starts_with("http_server_request_duration_seconds_count{") && l.contains("status_class=\"2xx\""))
+        .unwrap_or_default();
+    assert!(route_line.contains("http_route=") && !route_line.contains("http_route=\"unmatched\""), "{text}");
     Ok(())
 }

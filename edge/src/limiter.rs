@@ -38,6 +38,8 @@ pub struct Verdict {
     pub zones: Vec<usize>,
     pub decision: Decision,
     pub client_ip: IpAddr,
+    /// Index into `active.policy.routes`: the route that applied.
+    pub route: usize,
 }
 
 pub struct Limiter<C: Clock = MonotonicClock> {
@@ -85,6 +87,7 @@ impl<C: Clock> Limiter<C> {
         let active = self.active();
         let policy = &active.policy;
         let route = policy.route(req.method, req.path)?;
+        let route_index = policy.routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0);
         let client_ip = client::client_ip(req.peer, req.forwarded_for, &policy.client.trusted_proxies);
         if policy.is_exempt(client_ip) {
             return None;
@@ -107,7 +110,7 @@ impl<C: Clock> Limiter<C> {
             .collect();
         let decision = decide(&limits, self.now_ms());
         drop(limits);
-        Some(Verdict { active: active.clone(), zones, decision, client_ip })
+        Some(Verdict { active: active.clone(), zones, decision, client_ip, route: route_index })
     }
 }
 

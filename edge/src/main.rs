@@ -210,6 +210,13 @@ fn main() -> anyhow::Result<()> {
         },
         max_tries: up.max_tries.max(1),
         access_log: config.access_log,
+        upstream_duration: metrics
+            .meter()
+            .f64_histogram("edge.upstream.duration")
+            .with_unit("s")
+            .with_description("Time from choosing a gateway instance to its response header")
+            .with_boundaries(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+            .build(),
         retries: metrics
             .meter()
             .u64_counter("edge.upstream.retries")

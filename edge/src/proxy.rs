@@ -59,6 +59,8 @@ pub struct EdgeProxy {
     /// One JSON line per request on stdout.
     pub access_log: bool,
     pub duration: Histogram<f64>,
+    /// Time until the instance's response header, per instance.
+    pub upstream_duration: Histogram<f64>,
     pub limiter: Arc<Limiter>,
     pub limit_metrics: LimitMetrics,
     pub tracer: BoxedTracer,
@@ -262,13 +264,23 @@ impl ProxyHttp for EdgeProxy {
             None => telemetry::end(&ctx.trace, None),
         }
         let method = session.req_header().method.as_str().to_owned();
+        let class = status_class(status);
+        let route = if ctx.limits.route.is_empty() { "unmatched".to_owned() } else { ctx.limits.route.clone() };
         self.duration.record(
             ctx.started.elapsed().as_secs_f64(),
             &[
                 KeyValue::new("http.request.method", method),
                 KeyValue::new("http.response.status_code", i64::from(status)),
+                KeyValue::new("status_class", class),
+                KeyValue::new("http.route", route),
             ],
         );
+        if let (Some(ms), Some(lease)) = (ctx.upstream_ms, &ctx.lease) {
+            self.upstream_duration.record(
+                ms / 1000.0,
+                &[KeyValue::new("instance", lease.instance.addr.to_string()), KeyValue::new("status_class", class)],
+            );
+        }
         if let Some(e) = error {
             tracing::warn!(request_id = %ctx.request_id, status, error = %e, "request failed");
         }
@@ -335,6 +347,18 @@ fn access_log(session: &Session, status: u16, ctx: &RequestCtx) {
     let mut text = line.to_string();
     text.push('\n');
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+/// `2xx`, `4xx`, ...; `0` when nothing was answered.
+fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "none",
+    }
 }
 
 fn error_type(e: &pingora::Error) -> &'static str {

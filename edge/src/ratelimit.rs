@@ -27,6 +27,8 @@ pub struct Applied {
     pub headers: Vec<(&'static str, String)>,
     /// The client key's address (the peer, or the right-most untrusted `X-Forwarded-For` entry).
     pub client: String,
+    /// The policy route that applied (metrics); empty when none did.
+    pub route: String,
 }
 
 /// Runs the limiter for `session`. Returns `Ok(true)` when the request was answered (rejected) here.
@@ -59,6 +61,7 @@ pub async fn apply(
     };
     let Some(verdict) = verdict else { return Ok(false) };
     applied.client = verdict.client_ip.to_string();
+    applied.route = verdict.active.policy.routes.get(verdict.route).map(|r| r.name.clone()).unwrap_or_default();
     record(metrics, &verdict);
     annotate(trace, &verdict);
     applied.headers = rate_limit_headers(&verdict);
