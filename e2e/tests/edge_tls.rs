@@ -82,7 +82,7 @@ async fn the_certificate_is_reloaded_without_a_restart_and_bad_ones_are_refused(
             "edge_tls_certificate_reloads_total",
             &["result=\"failed\""],
         );
-        assert_eq!(failed, before + 1.0, "{bad} refusal counted");
+        assert!(failed >= before + 1.0, "{bad} refusal counted (and retried every interval)");
         assert_eq!(served(port).await?, b.sha256, "after the {bad} one, the previous certificate is still served");
     }
     let text = admin.get(&metrics_url).send().await?.text().await?;

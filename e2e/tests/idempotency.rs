@@ -119,20 +119,20 @@ async fn one_key_makes_one_order_across_replicas() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_expire_and_abandoned_claims_are_taken_over() -> anyhow::Result<()> {
-    let stack = Stack::start(StackOptions {
-        edge: false,
-        env: vec![("gateway", "GATEWAY_IDEMPOTENCY__TTL_SECS".into(), "2".into())],
-        ..StackOptions::default()
-    })
-    .await?;
+    let stack = Stack::start(StackOptions { edge: false, ..StackOptions::default() }).await?;
     let http = reqwest::Client::new();
+    let db = stack.postgres.client().await?;
     let url = format!("http://127.0.0.1:{}/v1/orders/async", stack.ports.gateway);
     let token = stack.token();
     let first = post(&http, &url, &token, "key-expiring", &order("idem-expiry")).await?;
     assert_eq!(first.status, 202, "{}", first.body);
     let replay = post(&http, &url, &token, "key-expiring", &order("idem-expiry")).await?;
     assert_eq!((replay.status, replay.replayed, &replay.body["id"]), (202, true, &first.body["id"]));
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The key's time is up (the TTL must exceed a request's lease, so the test ages the row instead of waiting).
+    let aged = db
+        .execute("UPDATE idempotency_keys SET expires_at = now() - interval '1 s' WHERE key = 'key-expiring'", &[])
+        .await?;
+    assert_eq!(aged, 1);
     let later = post(&http, &url, &token, "key-expiring", &order("idem-expiry")).await?;
     assert_eq!((later.status, later.replayed), (202, false), "{}", later.body);
     assert_ne!(later.body["id"], first.body["id"], "an expired key starts a new order");
@@ -145,7 +145,6 @@ async fn keys_expire_and_abandoned_claims_are_taken_over() -> anyhow::Result<()>
     // takes the claim over with the same order and event ids, and the republished command changes nothing.
     let first = post(&http, &url, &token, "key-abandoned", &order("idem-abandoned")).await?;
     assert_eq!(first.status, 202, "{}", first.body);
-    let db = stack.postgres.client().await?;
     let n = db
         .execute(
             "UPDATE idempotency_keys SET response_status = NULL, response_body = NULL, locked_until = now() - interval '1 s'

@@ -37,7 +37,7 @@ pub struct RequestCtx {
     lease: Option<Lease>,
     /// Instances this request failed on: a retry goes elsewhere.
     tried: Vec<SocketAddr>,
-    /// When the first instance was picked, and how long until its response header came (the access log).
+    /// When the current instance was picked, and how long until its response header came (the access log).
     upstream_started: Option<Instant>,
     upstream_ms: Option<f64>,
     /// The trace id sent upstream in `traceparent`.
@@ -110,7 +110,7 @@ impl ProxyHttp for EdgeProxy {
         peer.options.read_timeout = Some(self.timeouts.read);
         peer.options.idle_timeout = Some(self.timeouts.idle);
         ctx.lease = Some(lease);
-        ctx.upstream_started.get_or_insert_with(Instant::now);
+        ctx.upstream_started = Some(Instant::now());
         Ok(Box::new(peer))
     }
 
@@ -143,12 +143,22 @@ impl ProxyHttp for EdgeProxy {
         client_reused: bool,
     ) -> Box<pingora::Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        // A pooled connection the instance had already closed says nothing about the instance.
-        if !client_reused && let Some(lease) = &ctx.lease {
+        let upstream_fault = e.esource() == &ErrorSource::Upstream;
+        // Only the instance's own failures count against it (not a client that went away), and a pooled
+        // connection it had already closed says nothing about it, unless it stopped answering.
+        let stale_pooled = client_reused && !matches!(e.etype(), ErrorType::ReadTimedout | ErrorType::WriteTimedout);
+        if upstream_fault
+            && !stale_pooled
+            && let Some(lease) = &ctx.lease
+        {
             self.pool.report_failure(&lease.instance);
         }
-        let replayable = session.req_header().method.is_idempotent() && !session.as_ref().retry_buffer_truncated();
-        let retry = replayable && ctx.tried.len() + 1 < self.max_tries;
+        // Again elsewhere only if nothing of the answer went to the client yet, the method is idempotent and its
+        // body is still buffered.
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none();
+        let retry = upstream_fault && replayable && ctx.tried.len() + 1 < self.max_tries;
         e.set_retry(retry);
         if retry {
             self.retries.add(1, &[KeyValue::new("reason", "idempotent")]);

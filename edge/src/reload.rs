@@ -42,18 +42,20 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 }
 
 impl PolicyReloader {
-    fn reload(&self, why: &str) {
+    fn reload(&self, why: &str) -> bool {
         match policy::load_dir(&self.dir) {
             Ok(p) => {
                 let (zones, routes) = (p.zones.len(), p.routes.len());
                 self.limiter.replace(p);
                 self.reloads.add(1, &[KeyValue::new("result", "ok")]);
                 tracing::info!(why, zones, routes, dir = %self.dir.display(), "rate-limit policy reloaded");
+                true
             }
             Err(errors) => {
                 self.reloads.add(1, &[KeyValue::new("result", "failed")]);
                 tracing::error!(why, dir = %self.dir.display(), errors = %errors,
                     "invalid rate-limit policy refused; the previous policy stays in force");
+                false
             }
         }
     }
@@ -64,7 +66,12 @@ impl PolicyReloader {
 trait Watched: Sync {
     type Print: PartialEq + Send;
     fn fingerprint(&self) -> Self::Print;
-    fn reload(&self, why: &str);
+    /// Whether the new content was taken.
+    fn reload(&self, why: &str) -> bool;
+    /// Try a refused content again at every tick (until taken or changed), rather than wait for the next change.
+    fn retry_refused(&self) -> bool {
+        false
+    }
     /// Other periodic work on the same timer.
     fn tick(&self) {}
 }
@@ -84,14 +91,15 @@ async fn watch<W: Watched>(w: &W, interval: Duration, mut shutdown: ShutdownWatc
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
-                seen = w.fingerprint();
-                w.reload("SIGHUP");
+                let now = w.fingerprint();
+                if w.reload("SIGHUP") || !w.retry_refused() {
+                    seen = now;
+                }
             }
             _ = tick.tick() => {
                 let now = w.fingerprint();
-                if now != seen {
+                if now != seen && (w.reload("files changed") || !w.retry_refused()) {
                     seen = now;
-                    w.reload("files changed");
                 }
                 w.tick();
             }
@@ -106,8 +114,8 @@ impl Watched for PolicyReloader {
         fingerprint(&self.dir)
     }
 
-    fn reload(&self, why: &str) {
-        PolicyReloader::reload(self, why);
+    fn reload(&self, why: &str) -> bool {
+        PolicyReloader::reload(self, why)
     }
 
     fn tick(&self) {
@@ -145,16 +153,19 @@ impl CertReloader {
             .collect()
     }
 
-    fn reload(&self, why: &str) {
+    fn reload(&self, why: &str) -> bool {
         match self.store.reload() {
             Ok(pair) => {
                 self.reloads.add(1, &[KeyValue::new("result", "ok")]);
                 tracing::info!(why, cert = %self.store.cert_path.display(), sha256 = %pair.fingerprint,
                     "TLS certificate reloaded; new connections get it");
+                true
             }
             Err(e) => {
                 self.reloads.add(1, &[KeyValue::new("result", "failed")]);
-                tracing::error!(why, error = %e, "TLS certificate refused; the previous certificate stays in use");
+                tracing::error!(why, error = %e,
+                    "TLS certificate refused; the previous certificate stays in use (tried again every interval)");
+                false
             }
         }
     }
@@ -167,8 +178,14 @@ impl Watched for CertReloader {
         self.files()
     }
 
-    fn reload(&self, why: &str) {
-        CertReloader::reload(self, why);
+    fn reload(&self, why: &str) -> bool {
+        CertReloader::reload(self, why)
+    }
+
+    /// A renewed certificate refused for a passing reason (files caught mid-write, `notBefore` a little ahead of
+    /// this clock) is tried again at every tick: the old one may be about to expire.
+    fn retry_refused(&self) -> bool {
+        true
     }
 }
 

@@ -131,7 +131,15 @@ impl Api {
         if let Err(e) = principal.require(ROLE_WRITE) {
             return auth_failure(&e);
         }
-        let key = match (&self.idempotency, header_str(&req, "idempotency-key")) {
+        // Present but not text (obs-text bytes) is a bad key, not an absent one.
+        let raw_key = req.headers().get("idempotency-key").map(|v| v.to_str().unwrap_or(""));
+        let key = match (&self.idempotency, raw_key) {
+            (Some(_), Some(_)) if principal.subject.is_empty() => {
+                return problem_response(
+                    &Problem::new("invalid-idempotency-key", 400, "Bad Request")
+                        .with_detail("Idempotency-Key needs a token with a subject (sub): keys belong to a subject"),
+                );
+            }
             (Some(store), Some(raw)) => match idempotency::parse_key(raw) {
                 Some(k) => Some((store, k.to_owned())),
                 None => {
@@ -146,8 +154,10 @@ impl Api {
         let Ok(_permit) = self.in_flight.try_acquire() else {
             return unavailable("overloaded", "too many orders in flight; retry shortly");
         };
-        if !self.readiness.is_ok("kafka") {
-            return unavailable("broker-unavailable", "the message broker is unreachable; retry later");
+        let broker_down = || unavailable("broker-unavailable", "the message broker is unreachable; retry later");
+        // With a key, a stored answer is replayed even while the broker is down: checked after the claim.
+        if key.is_none() && !self.readiness.is_ok("kafka") {
+            return broker_down();
         }
         let path = req.uri().path().to_owned();
         let (body, order) = match self.read_order(req).await {
@@ -158,7 +168,15 @@ impl Api {
         if let Some((store, key)) = &key {
             let hash = idempotency::fingerprint(&path, &body);
             match store.claim(&principal.subject, key, &hash, (order_id, event_id)).await {
-                Ok(Claim::Owned { order_id: o, event_id: e }) => (order_id, event_id) = (o, e),
+                Ok(Claim::Owned { order_id: o, event_id: e }) => {
+                    if !self.readiness.is_ok("kafka") {
+                        if let Err(e) = store.release(&principal.subject, key).await {
+                            tracing::warn!(error = %e, "releasing an idempotency key failed");
+                        }
+                        return broker_down();
+                    }
+                    (order_id, event_id) = (o, e);
+                }
                 Ok(Claim::Replay(answer)) => return replay(answer),
                 Ok(Claim::Mismatch) => {
                     return problem_response(

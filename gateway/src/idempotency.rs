@@ -107,7 +107,8 @@ impl Store {
         let row = tx
             .query_opt(
                 "SELECT request_hash, order_id, event_id, response_status, response_type, response_location,
-                        response_body, locked_until > now() AS locked, expires_at <= now() AS expired
+                        response_body, locked_until > now() AS locked,
+                        expires_at <= now() AND (response_status IS NOT NULL OR locked_until <= now()) AS expired
                  FROM idempotency_keys WHERE principal = $1 AND key = $2 FOR UPDATE",
                 &[&principal, &key],
             )
@@ -159,7 +160,7 @@ impl Store {
         client
             .execute(
                 "UPDATE idempotency_keys SET response_status = $3, response_type = $4, response_location = $5,
-                        response_body = $6
+                        response_body = $6, locked_until = now()
                  WHERE principal = $1 AND key = $2",
                 &[&principal, &key, &status, &answer.content_type, &answer.location, &answer.body],
             )

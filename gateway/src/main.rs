@@ -91,6 +91,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let lease =
             Duration::from_millis(config.kafka.delivery_timeout_ms + config.sync.timeout_ms) + Duration::from_secs(30);
         let ttl = Duration::from_secs(config.idempotency.ttl_secs.max(1));
+        anyhow::ensure!(
+            ttl > lease,
+            "idempotency.ttl_secs ({}) must exceed the longest a request can hold its key ({} s: \
+             kafka.delivery_timeout_ms + sync.timeout_ms + 30 s)",
+            ttl.as_secs(),
+            lease.as_secs()
+        );
         let store = Arc::new(idempotency::Store::new(pool, ttl, lease));
         let every = Duration::from_secs(config.idempotency.purge_interval_secs.max(1));
         tokio::spawn(store.clone().purge_loop(every, shutdown.child_token()));

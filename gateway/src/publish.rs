@@ -124,18 +124,33 @@ impl Publisher {
         else {
             return;
         };
-        let mut c = self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if c.generation != generation {
+        if self.generation() != generation {
             return; // another request replaced it already
         }
-        match Self::create(&self.settings, &self.readiness) {
-            Ok(fresh) => {
-                tracing::error!(error = %code, reason, "the Kafka producer is unusable; replaced it");
-                *c = Current { generation: generation + 1, producer: fresh };
-                producer_renewed();
+        let fresh = match Self::create(&self.settings, &self.readiness) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                tracing::error!(error = %e, "the Kafka producer is unusable and could not be replaced");
+                return;
             }
-            Err(e) => tracing::error!(error = %e, "the Kafka producer is unusable and could not be replaced"),
-        }
+        };
+        let old = {
+            let mut c = self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if c.generation != generation {
+                drop(c);
+                drop_off_runtime(fresh);
+                return;
+            }
+            c.generation += 1;
+            std::mem::replace(&mut c.producer, fresh)
+        };
+        tracing::error!(error = %code, reason, "the Kafka producer is unusable; replaced it");
+        producer_renewed();
+        drop_off_runtime(old);
+    }
+
+    fn generation(&self) -> u64 {
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).generation
     }
 
     /// Checks that the broker answers and knows the commands topic (readiness). Blocks: call off the runtime.
@@ -185,7 +200,7 @@ impl Publisher {
         }
         let record = FutureRecord::to(&self.topic).key(&key).payload(&payload).headers(hdrs);
         let (generation, producer) = self.producer();
-        match producer.send(record, self.timeout).await {
+        let result = match producer.send(record, self.timeout).await {
             Ok(delivery) => {
                 let span = cx.span();
                 if span.is_recording() {
@@ -208,7 +223,12 @@ impl Publisher {
                 service_core::metrics::message_sent(&self.topic, Some("delivery"));
                 Err(PublishError::Delivery(e))
             }
+        };
+        // This may be the last handle on a replaced producer: destroying it waits on librdkafka's threads.
+        if self.generation() != generation {
+            drop_off_runtime(producer);
         }
+        result
     }
 
     /// Waits for queued messages to be delivered (shutdown). Blocks: call off the runtime.
@@ -216,6 +236,17 @@ impl Publisher {
         if let Err(e) = self.producer().1.flush(timeout) {
             tracing::warn!(error = %e, "producer flush at shutdown incomplete");
         }
+    }
+}
+
+/// Drops a producer on a blocking thread when called on the runtime: librdkafka's destroy waits for its threads
+/// (seconds while the broker is unreachable), which must not stall a worker thread serving requests.
+fn drop_off_runtime(producer: FutureProducer<BrokerWatch>) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => {
+            h.spawn_blocking(move || drop(producer));
+        }
+        Err(_) => drop(producer),
     }
 }
 

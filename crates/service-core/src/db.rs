@@ -32,6 +32,7 @@ pub enum DbError {
 pub enum Access {
     ReadWrite,
     /// `default_transaction_read_only` and a 5 s statement timeout: for read paths that must never write.
+    /// Like `ReadWriteBounded`, connecting (3 s) and waiting for a pooled connection (2 s) are bounded too.
     ReadOnly,
     /// Writes allowed, with a 5 s statement timeout: for request paths, which must not hang on a stuck database.
     ReadWriteBounded,
@@ -50,8 +51,20 @@ pub fn pool(config: &DatabaseConfig, access: Access) -> Result<Pool, DbError> {
             pg.options("-c statement_timeout=5000 -c idle_in_transaction_session_timeout=10000");
         }
     }
+    // Request paths must not wait on a database that does not answer: bounded connect, pool wait and create.
+    let request_path = access != Access::ReadWrite;
+    if request_path {
+        pg.connect_timeout(std::time::Duration::from_secs(3));
+    }
     let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-    Ok(Pool::builder(manager).max_size(config.pool_size).build()?)
+    let mut builder = Pool::builder(manager).max_size(config.pool_size);
+    if request_path {
+        builder = builder
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(std::time::Duration::from_secs(2)))
+            .create_timeout(Some(std::time::Duration::from_secs(3)));
+    }
+    Ok(builder.build()?)
 }
 
 /// Traces of PostgreSQL statements: one CLIENT span per statement (semantic conventions for databases), named

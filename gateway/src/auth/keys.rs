@@ -52,7 +52,8 @@ pub struct KeyStore {
 
 struct Inner {
     source: KeySource,
-    keys: RwLock<Option<Arc<JwkSet>>>,
+    /// The set and its generation, replaced together.
+    keys: RwLock<Option<(u64, Arc<JwkSet>)>>,
     /// `jwks_uri` learnt from discovery; forgotten when fetching it fails, so that the next load rediscovers.
     discovered: RwLock<Option<String>>,
     http: reqwest::Client,
@@ -104,16 +105,15 @@ impl KeyStore {
         self.inner.generation.load(Ordering::Acquire)
     }
 
-    /// The keys now, if any load has succeeded.
-    pub fn current(&self) -> Option<Arc<JwkSet>> {
+    /// The keys now and their generation, if any load has succeeded.
+    pub fn current(&self) -> Option<(u64, Arc<JwkSet>)> {
         self.inner.keys.read().ok().and_then(|k| k.clone())
     }
 
     pub(crate) fn install(&self, set: JwkSet) {
-        if let Ok(mut k) = self.inner.keys.write() {
-            *k = Some(Arc::new(set));
-        }
-        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        let mut k = self.inner.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let generation = self.inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        *k = Some((generation, Arc::new(set)));
     }
 
     /// Loads the key set once and installs it; on failure the previous set stays.
@@ -123,10 +123,12 @@ impl KeyStore {
         self.load(Why::Periodic).await
     }
 
-    /// After a token named a key the set lacks: reloads at once unless a load began less than `min_interval` ago.
-    /// Returns whether the keys may have changed since the caller looked (then verifying again is worth it).
-    pub async fn refresh_for_unknown_key(&self) -> bool {
-        let seen = self.inner.generation.load(Ordering::Acquire);
+    /// After a token named a key that the set of generation `seen` lacks: reloads at once unless a load began less
+    /// than `min_interval` ago. Returns whether the keys may have changed since (then verifying again is worth it).
+    pub async fn refresh_for_unknown_key(&self, seen: u64) -> bool {
+        if self.inner.generation.load(Ordering::Acquire) != seen {
+            return true; // replaced since the caller looked
+        }
         let mut last = self.inner.last_load.lock().await;
         if self.inner.generation.load(Ordering::Acquire) != seen {
             return true; // another request's load finished while this one waited
@@ -198,8 +200,14 @@ impl KeyStore {
         if meta.issuer != issuer {
             return Err(KeyError::Discovery(url, format!("it names issuer {:?}, expected {issuer:?}", meta.issuer)));
         }
-        if !(meta.jwks_uri.starts_with("https://") || meta.jwks_uri.starts_with("http://")) {
-            return Err(KeyError::Discovery(url, format!("jwks_uri {:?} is not an HTTP(S) URL", meta.jwks_uri)));
+        // Keys over plain HTTP only from an issuer that is itself plain HTTP (local development): an https issuer
+        // pointing at an http JWKS would let anyone on the path inject signing keys.
+        let plain_ok = issuer.starts_with("http://") && meta.jwks_uri.starts_with("http://");
+        if !(meta.jwks_uri.starts_with("https://") || plain_ok) {
+            return Err(KeyError::Discovery(
+                url,
+                format!("jwks_uri {:?} must be an https URL (as the issuer is)", meta.jwks_uri),
+            ));
         }
         tracing::info!(issuer, jwks_uri = %meta.jwks_uri, "OIDC discovery done");
         if let Ok(mut d) = self.inner.discovered.write() {

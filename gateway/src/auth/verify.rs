@@ -3,6 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
+use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
 
@@ -152,14 +153,17 @@ impl Verifier {
             return Ok(p);
         }
         let verified = match self.verify_claims(token) {
-            Err(AuthError::UnknownKey) if self.keys.refresh_for_unknown_key().await => self.verify_claims(token),
+            (Err(AuthError::UnknownKey), seen) if self.keys.refresh_for_unknown_key(seen).await => {
+                self.verify_claims(token)
+            }
             other => other,
         };
-        let (principal, exp) = verified?;
+        // Cached under the generation of the very set that verified it: a reload in between cannot lend it trust.
+        let (principal, exp) = verified.0?;
         let cached = Cached {
             principal: principal.clone(),
             until: exp.saturating_add(self.leeway_secs),
-            keys_generation: self.keys.generation(),
+            keys_generation: verified.1,
         };
         if let Ok(mut c) = self.cache.lock() {
             c.put(token, cached, now);
@@ -170,16 +174,22 @@ impl Verifier {
     /// Checks one compact JWT (no cache).
     #[cfg(test)]
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
-        self.verify_claims(token).map(|(p, _)| p)
+        self.verify_claims(token).0.map(|(p, _)| p)
     }
 
-    /// Checks one compact JWT; the principal and the token's `exp`.
-    fn verify_claims(&self, token: &str) -> Result<(Principal, u64), AuthError> {
+    /// Checks one compact JWT: the principal and the token's `exp`, and the generation of the key set used.
+    fn verify_claims(&self, token: &str) -> (Result<(Principal, u64), AuthError>, u64) {
+        match self.keys.current() {
+            Some((generation, keys)) => (self.verify_with(token, &keys), generation),
+            None => (Err(AuthError::KeysUnavailable), 0),
+        }
+    }
+
+    fn verify_with(&self, token: &str, keys: &JwkSet) -> Result<(Principal, u64), AuthError> {
         let header = decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
         if !self.algorithms.contains(&header.alg) {
             return Err(AuthError::Algorithm(format!("{:?}", header.alg)));
         }
-        let keys = self.keys.current().ok_or(AuthError::KeysUnavailable)?;
         let jwk = match &header.kid {
             Some(kid) => keys.find(kid),
             // Without a kid, a set of exactly one key is unambiguous.
