@@ -57,6 +57,7 @@ async fn a_killed_instance_costs_no_idempotent_request_and_all_down_is_a_fast_50
     )?;
     let _edge = stack.spawn_edge(
         "edge",
+        &[],
         &[
             ("EDGE_UPSTREAM__SERVERS", format!("127.0.0.1:{port},127.0.0.2:{port}")),
             ("EDGE_UPSTREAM__HEALTH__PORT", admin.to_string()),

@@ -159,14 +159,15 @@ fn string_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShutdownConfig {
-    /// After SIGTERM/SIGINT: how long to keep serving established connections before closing down.
+    /// After SIGTERM/SIGINT: how long requests in flight get to finish (keep it above the longest request: a
+    /// sync order waits up to the gateway's `sync.timeout_ms`). Pingora cuts what still runs after it.
     pub grace_period_secs: u64,
-    /// Then: how long the runtimes get to finish what is in flight.
+    /// Then: how long the runtimes get to stop.
     pub timeout_secs: u64,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        Self { grace_period_secs: 2, timeout_secs: 10 }
+        Self { grace_period_secs: 10, timeout_secs: 5 }
     }
 }

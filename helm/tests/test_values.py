@@ -46,7 +46,7 @@ def test_schema_rejects_wrong_values(extra, message):
         ({"edge": {"tls": {"existingSecret": "x", "openshiftServiceCA": True}}}, "set only one of"),
         ({"edge": {"tls": {"certificate": {"enabled": True}}}}, "issuerRef.name is required"),
         ({"edge": {"expose": "route", "route": {"termination": "reencrypt"}}}, "router must trust"),
-        ({"edge": {"terminationGracePeriodSeconds": 15}}, r"edge.terminationGracePeriodSeconds \(15\) must exceed .* \(17\)"),
+        ({"edge": {"terminationGracePeriodSeconds": 15}}, r"edge.terminationGracePeriodSeconds \(15\) must exceed .* \(20\)"),
         ({"gateway": {"terminationGracePeriodSeconds": 30}}, r"gateway.terminationGracePeriodSeconds \(30\) must exceed"),
         ({"database": {"existingSecret": {"name": ""}, "url": ""}}, "set database.existingSecret.name"),
     ],

@@ -1,5 +1,5 @@
 //! An upstream that answers every request with what it received (method, path, headers as JSON), to test what
-//! the edge forwards.
+//! the edge forwards. `?delay_ms=N` makes it answer after N milliseconds (a slow request in flight).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -18,6 +18,14 @@ pub async fn start(port: u16) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let delay = req
+                        .uri()
+                        .query()
+                        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("delay_ms=")))
+                        .and_then(|v| v.parse::<u64>().ok());
+                    if let Some(ms) = delay {
+                        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    }
                     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
                     for (k, v) in req.headers() {
                         headers

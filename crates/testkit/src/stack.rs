@@ -166,12 +166,13 @@ impl Stack {
         Service::spawn(name, &bin_path("gateway"), &[], &env, self.dir.path())
     }
 
-    /// An edge named `name` on the stack's edge ports (start the stack with `edge: false`), with `extra`
+    /// An edge named `name` with `args` on the stack's edge ports (start the stack with `edge: false`, or pass
+    /// `--upgrade` to take the running edge's sockets over), with `extra`
     /// environment variables (`EDGE_...` settings) on top of the stack's.
-    pub fn spawn_edge(&self, name: &str, extra: &[(&str, String)]) -> anyhow::Result<Service> {
+    pub fn spawn_edge(&self, name: &str, args: &[&str], extra: &[(&str, String)]) -> anyhow::Result<Service> {
         let mut env = self.with_extra("edge", self.edge_env());
         env.extend(extra.iter().map(|(k, v)| kv(k, v.clone())));
-        Service::spawn(name, &bin_path("edge"), &[], &env, self.dir.path())
+        Service::spawn(name, &bin_path("edge"), args, &env, self.dir.path())
     }
 
     fn gateway_env(&self, port: u16, admin_port: u16) -> Vec<(String, String)> {
