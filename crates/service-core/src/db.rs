@@ -32,7 +32,7 @@ pub enum DbError {
 pub enum Access {
     ReadWrite,
     /// `default_transaction_read_only` and a 5 s statement timeout: for read paths that must never write.
-    /// Like `ReadWriteBounded`, connecting (3 s) and waiting for a pooled connection (2 s) are bounded too.
+    /// Like `ReadWriteBounded`, connecting (3 s) and waiting for a pooled connection (5 s) are bounded too.
     ReadOnly,
     /// Writes allowed, with a 5 s statement timeout: for request paths, which must not hang on a stuck database.
     ReadWriteBounded,
@@ -61,8 +61,10 @@ pub fn pool(config: &DatabaseConfig, access: Access) -> Result<Pool, DbError> {
     if request_path {
         builder = builder
             .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(std::time::Duration::from_secs(2)))
-            .create_timeout(Some(std::time::Duration::from_secs(3)));
+            // A burst queues behind the pool's few connections: the wait is bounded, not tight (a 2 s bound failed
+            // 50 concurrent claims on a loaded CI machine).
+            .wait_timeout(Some(std::time::Duration::from_secs(5)))
+            .create_timeout(Some(std::time::Duration::from_secs(5)));
     }
     Ok(builder.build()?)
 }
