@@ -27,6 +27,41 @@ pub struct Config {
     /// One JSON line per request on stdout: time, client, method, path, status, bytes, upstream and its time,
     /// total time, rate-limit decision, request and trace ids.
     pub access_log: bool,
+    pub limits: BodyLimits,
+}
+
+/// Request body size limits (nginx's `client_max_body_size`): larger bodies get `413`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BodyLimits {
+    /// Largest request body, in bytes, where no route says otherwise.
+    pub max_body_bytes: u64,
+    /// Per path prefix (the longest matching prefix wins).
+    pub routes: Vec<RouteBodyLimit>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteBodyLimit {
+    pub path_prefix: String,
+    pub max_body_bytes: u64,
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        Self { max_body_bytes: 1024 * 1024, routes: Vec::new() }
+    }
+}
+
+impl BodyLimits {
+    /// The limit for `path`.
+    pub fn for_path(&self, path: &str) -> u64 {
+        self.routes
+            .iter()
+            .filter(|r| path.starts_with(&r.path_prefix))
+            .max_by_key(|r| r.path_prefix.len())
+            .map_or(self.max_body_bytes, |r| r.max_body_bytes)
+    }
 }
 
 /// An optional plain-HTTP listener that only redirects to HTTPS (nginx's `return 301 https://$host$request_uri`).
@@ -68,6 +103,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             redirect: RedirectConfig::default(),
             access_log: true,
+            limits: BodyLimits::default(),
         }
     }
 }

@@ -210,6 +210,7 @@ fn main() -> anyhow::Result<()> {
         },
         max_tries: up.max_tries.max(1),
         access_log: config.access_log,
+        body_limits: config.limits.clone(),
         upstream_duration: metrics
             .meter()
             .f64_histogram("edge.upstream.duration")

@@ -42,6 +42,9 @@ pub struct RequestCtx {
     upstream_ms: Option<f64>,
     /// The trace id sent upstream in `traceparent`.
     trace_id: Option<String>,
+    /// The body limit of the request's path, and the body bytes seen so far.
+    body_limit: u64,
+    body_seen: u64,
 }
 
 /// Timeouts of the connections to the gateway instances.
@@ -58,6 +61,7 @@ pub struct EdgeProxy {
     pub retries: Counter<u64>,
     /// One JSON line per request on stdout.
     pub access_log: bool,
+    pub body_limits: crate::config::BodyLimits,
     pub duration: Histogram<f64>,
     /// Time until the instance's response header, per instance.
     pub upstream_duration: Histogram<f64>,
@@ -81,6 +85,8 @@ impl ProxyHttp for EdgeProxy {
             upstream_started: None,
             upstream_ms: None,
             trace_id: None,
+            body_limit: u64::MAX,
+            body_seen: 0,
         }
     }
 
@@ -90,6 +96,14 @@ impl ProxyHttp for EdgeProxy {
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         ctx.trace = self.server_span(session, &ctx.request_id);
+        // A declared body over the path's limit is refused before anything else (no bucket is charged for it);
+        // one sent without a length is counted in `request_body_filter`.
+        ctx.body_limit = self.body_limits.for_path(session.req_header().uri.path());
+        let declared = header(session.req_header(), "content-length").and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > ctx.body_limit) {
+            self.too_large(session, ctx).await;
+            return Ok(true);
+        }
         let trace = ctx.trace.clone();
         ratelimit::apply(&self.limiter, &self.limit_metrics, session, &ctx.request_id, &mut ctx.limits, &trace)
             .instrument(telemetry::log_span(&trace))
@@ -166,6 +180,22 @@ impl ProxyHttp for EdgeProxy {
         e
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(chunk) = body {
+            ctx.body_seen += chunk.len() as u64;
+            if ctx.body_seen > ctx.body_limit {
+                return Err(pingora::Error::explain(ErrorType::HTTPStatus(413), "request body over the limit"));
+            }
+        }
+        Ok(())
+    }
+
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
@@ -231,6 +261,7 @@ impl ProxyHttp for EdgeProxy {
     /// or timed out mid-exchange is `502` / `504`.
     async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut Self::CTX) -> FailToProxy {
         let (status, slug, title) = match e.etype() {
+            ErrorType::HTTPStatus(413) => (413, "payload-too-large", "Content Too Large"),
             ErrorType::HTTPStatus(code) => (*code, "http-error", "Error"),
             _ if e.esource() == &ErrorSource::Downstream => {
                 let code = match e.etype() {
@@ -303,6 +334,16 @@ impl ProxyHttp for EdgeProxy {
 }
 
 impl EdgeProxy {
+    /// `413` problem+json; the connection is closed (the rest of the body is not read).
+    async fn too_large(&self, session: &mut Session, ctx: &RequestCtx) {
+        let problem = Problem::new("payload-too-large", 413, "Content Too Large")
+            .with_detail(format!("the request body exceeds {} bytes", ctx.body_limit));
+        session.set_keepalive(None);
+        if let Err(e) = crate::respond::problem(session, &problem, &ctx.request_id, &[]).await {
+            tracing::debug!(error = %e, "could not send the 413");
+        }
+    }
+
     /// Starts the request's SERVER span, continuing the client's `traceparent` when it sent a valid one.
     fn server_span(&self, session: &Session, request_id: &str) -> Context {
         let req = session.req_header();
