@@ -86,8 +86,8 @@ impl<C: Clock> Limiter<C> {
     pub fn check(&self, req: &RequestInfo<'_>) -> Option<Verdict> {
         let active = self.active();
         let policy = &active.policy;
-        let route = policy.route(req.method, req.path)?;
-        let route_index = policy.routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0);
+        let route_index = policy.route_index(req.method, req.path)?;
+        let route = &policy.routes[route_index];
         let client_ip = client::client_ip(req.peer, req.forwarded_for, &policy.client.trusted_proxies);
         if policy.is_exempt(client_ip) {
             return None;

@@ -306,7 +306,10 @@ impl ProxyHttp for EdgeProxy {
         }
         let method = session.req_header().method.as_str().to_owned();
         let class = status_class(status);
-        let route = if ctx.limits.route.is_empty() { "unmatched".to_owned() } else { ctx.limits.route.clone() };
+        let route = match std::mem::take(&mut ctx.limits.route) {
+            r if r.is_empty() => "unmatched".to_owned(),
+            r => r,
+        };
         self.duration.record(
             ctx.started.elapsed().as_secs_f64(),
             &[

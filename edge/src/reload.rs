@@ -25,20 +25,25 @@ pub struct PolicyReloader {
 }
 
 /// What identifies the directory's content cheaply: each policy file's name, size and modification time.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, Stamp)> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
         .filter(|e| e.path().extension().is_some_and(|x| x == "toml"))
-        .map(|e| {
-            // metadata() follows symlinks: a swapped ConfigMap target shows up here.
-            let md = std::fs::metadata(e.path()).ok();
-            (e.path(), md.as_ref().map_or(0, |m| m.len()), md.and_then(|m| m.modified().ok()))
-        })
+        .map(|e| (e.path(), stamp(&e.path())))
         .collect();
     v.sort();
     v
+}
+
+/// A file's size and modification time.
+type Stamp = (u64, Option<SystemTime>);
+
+/// `path`'s stamp; `metadata` follows symlinks, so a swapped ConfigMap or Secret target shows up here.
+fn stamp(path: &Path) -> Stamp {
+    let md = std::fs::metadata(path).ok();
+    (md.as_ref().map_or(0, |m| m.len()), md.and_then(|m| m.modified().ok()))
 }
 
 impl PolicyReloader {
@@ -108,7 +113,7 @@ async fn watch<W: Watched>(w: &W, interval: Duration, mut shutdown: ShutdownWatc
 }
 
 impl Watched for PolicyReloader {
-    type Print = Vec<(PathBuf, u64, Option<SystemTime>)>;
+    type Print = Vec<(PathBuf, Stamp)>;
 
     fn fingerprint(&self) -> Self::Print {
         fingerprint(&self.dir)
@@ -143,14 +148,8 @@ pub struct CertReloader {
 }
 
 impl CertReloader {
-    fn files(&self) -> Vec<(u64, Option<SystemTime>)> {
-        [&self.store.cert_path, &self.store.key_path]
-            .iter()
-            .map(|p| {
-                let md = std::fs::metadata(p).ok();
-                (md.as_ref().map_or(0, |m| m.len()), md.and_then(|m| m.modified().ok()))
-            })
-            .collect()
+    fn files(&self) -> [Stamp; 2] {
+        [stamp(&self.store.cert_path), stamp(&self.store.key_path)]
     }
 
     fn reload(&self, why: &str) -> bool {
@@ -172,7 +171,7 @@ impl CertReloader {
 }
 
 impl Watched for CertReloader {
-    type Print = Vec<(u64, Option<SystemTime>)>;
+    type Print = [Stamp; 2];
 
     fn fingerprint(&self) -> Self::Print {
         self.files()

@@ -91,11 +91,18 @@ pub struct Policy {
 impl Policy {
     /// The route for `method` and `path`: the longest matching prefix among routes that allow the method.
     pub fn route(&self, method: &str, path: &str) -> Option<&Route> {
+        self.route_index(method, path).map(|i| &self.routes[i])
+    }
+
+    /// The index in `routes` of the route for `method` and `path`: the longest matching prefix.
+    pub fn route_index(&self, method: &str, path: &str) -> Option<usize> {
         self.routes
             .iter()
-            .filter(|r| path.starts_with(&r.path_prefix))
-            .filter(|r| r.methods.is_empty() || r.methods.iter().any(|m| m == method))
-            .max_by_key(|r| r.path_prefix.len())
+            .enumerate()
+            .filter(|(_, r)| path.starts_with(&r.path_prefix))
+            .filter(|(_, r)| r.methods.is_empty() || r.methods.iter().any(|m| m == method))
+            .max_by_key(|(_, r)| r.path_prefix.len())
+            .map(|(i, _)| i)
     }
 
     pub fn is_exempt(&self, ip: std::net::IpAddr) -> bool {
