@@ -70,6 +70,13 @@ impl Postgres {
         Ok(client)
     }
 
+    /// The postmaster's PID (first line of `postmaster.pid`), when the server runs. Its children (backends,
+    /// checkpointer, ...) are found through `/proc`.
+    pub fn pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
     fn data_dir(&self) -> String {
         self.dir.path().join("data").display().to_string()
     }
