@@ -65,10 +65,14 @@ pub async fn workers(opts: &Options) -> anyhow::Result<Outcome> {
     let throttled = h.load(&load("async, many clients")).await?;
     drop(throttle);
     h.phase("down", "workers stopped (SIGTERM)");
-    if let Some(w) = h.stack.workers.as_mut() {
-        w.terminate()?;
-    }
-    let down = h.load(&load("async, many clients")).await?;
+    // The traffic goes on while the workers drain and exit.
+    let mut w = h.stack.workers.take().ok_or_else(|| anyhow::anyhow!("no workers"))?;
+    let down_load = load("async, many clients");
+    let (down, stopped) =
+        tokio::join!(h.run_load(&down_load), tokio::task::spawn_blocking(move || w.terminate().map(|_| w)));
+    h.stack.workers = Some(stopped??);
+    let down = down?;
+    h.record(&down_load, &down);
     h.phase("restored", "workers started again");
     h.stack.start_workers().await?;
     let restored = h.load(&load("async, many clients")).await?;

@@ -96,3 +96,17 @@ fn the_locust_journey_runs_against_the_stack() -> anyhow::Result<()> {
     assert!(done >= 4 && failed == 0, "journeys: {done} done, {failed} failed\n{stats}");
     Ok(())
 }
+
+/// The report's arithmetic (label parsing, counter resets, histogram quantiles) checks itself.
+#[test]
+fn the_report_arithmetic_passes_its_self_test() -> anyhow::Result<()> {
+    let report = Path::new(env!("CARGO_MANIFEST_DIR")).join("report.py");
+    let out = std::process::Command::new(loadtest::harness::python()).arg(&report).arg("--self-test").output()?;
+    assert!(
+        out.status.success(),
+        "report.py --self-test: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
