@@ -27,17 +27,37 @@ pub struct Config {
     /// One JSON line per request on stdout: time, client, method, path, status, bytes, upstream and its time,
     /// total time, rate-limit decision, request and trace ids.
     pub access_log: bool,
-    pub limits: BodyLimits,
+    pub limits: Limits,
 }
 
-/// Request body size limits (nginx's `client_max_body_size`): larger bodies get `413`.
+/// What one client and one connection may take (nginx's `client_max_body_size`, `large_client_header_buffers`,
+/// `client_header_timeout`, `client_body_timeout`, `send_timeout`, `keepalive_timeout`, `limit_conn`,
+/// `worker_connections`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct BodyLimits {
-    /// Largest request body, in bytes, where no route says otherwise.
+pub struct Limits {
+    /// Largest request body, in bytes, where no route says otherwise: larger gets `413`.
     pub max_body_bytes: u64,
     /// Per path prefix (the longest matching prefix wins).
     pub routes: Vec<RouteBodyLimit>,
+    /// Largest request head (request line and header fields), in bytes: larger gets `431`.
+    pub max_header_bytes: usize,
+    /// Most header fields in a request: more gets `431`.
+    pub max_headers: usize,
+    /// Time a new connection has to send a complete request head (TLS handshake included), and a kept-alive one
+    /// beyond its idle time: then it is closed without an answer, as nginx does.
+    pub header_timeout_secs: u64,
+    /// Longest pause between two reads of a request body (HTTP/1.1): then `408` and the connection closed.
+    /// Keep it below `upstream.read_timeout_ms`.
+    pub body_timeout_secs: u64,
+    /// Longest pause while writing a response to the client.
+    pub send_timeout_secs: u64,
+    /// How long an idle connection is kept open for another request.
+    pub keepalive_timeout_secs: u64,
+    /// Requests in flight per client key (the rate limits' client address); more get `429`. 0: no limit.
+    pub max_requests_per_client: u32,
+    /// Open connections, TLS handshakes included; beyond it new connections are closed before TLS.
+    pub max_connections: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,13 +67,24 @@ pub struct RouteBodyLimit {
     pub max_body_bytes: u64,
 }
 
-impl Default for BodyLimits {
+impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: 1024 * 1024, routes: Vec::new() }
+        Self {
+            max_body_bytes: 1024 * 1024,
+            routes: Vec::new(),
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            header_timeout_secs: 60,
+            body_timeout_secs: 20,
+            send_timeout_secs: 60,
+            keepalive_timeout_secs: 75,
+            max_requests_per_client: 100,
+            max_connections: 10_000,
+        }
     }
 }
 
-impl BodyLimits {
+impl Limits {
     /// The limit for `path`.
     pub fn for_path(&self, path: &str) -> u64 {
         self.routes
@@ -103,7 +134,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             redirect: RedirectConfig::default(),
             access_log: true,
-            limits: BodyLimits::default(),
+            limits: Limits::default(),
         }
     }
 }

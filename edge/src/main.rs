@@ -6,6 +6,7 @@
 
 mod admin;
 mod config;
+mod connections;
 mod health;
 mod proxy;
 mod ratelimit;
@@ -201,6 +202,41 @@ fn main() -> anyhow::Result<()> {
             })
             .build();
     }
+    let lim = &config.limits;
+    let conns = connections::Connections::new(
+        connections::Settings {
+            max_connections: lim.max_connections.max(1),
+            header_timeout: Duration::from_secs(lim.header_timeout_secs.max(1)),
+            keepalive_timeout: Duration::from_secs(lim.keepalive_timeout_secs.max(1)),
+            max_requests_per_client: lim.max_requests_per_client,
+        },
+        connections::Metrics {
+            handshakes: meter
+                .u64_counter("edge.tls.handshakes")
+                .with_description("TLS handshakes by result (failed: the connection closed before completing one)")
+                .build(),
+            refused: meter
+                .u64_counter("edge.connections.refused")
+                .with_description("Connections closed before TLS, by reason")
+                .build(),
+            closed: meter
+                .u64_counter("edge.connections.closed")
+                .with_description("Connections the edge closed for sending no complete request in time, by reason")
+                .build(),
+        },
+    );
+    {
+        let conns = conns.clone();
+        meter
+            .u64_observable_gauge("edge.connections")
+            .with_description("Open client connections by state (handshaking, established)")
+            .with_callback(move |o| {
+                let (handshaking, established) = conns.counts();
+                o.observe(handshaking, &[KeyValue::new("state", "handshaking")]);
+                o.observe(established, &[KeyValue::new("state", "established")]);
+            })
+            .build();
+    }
     let proxy = proxy::EdgeProxy {
         pool: pool.clone(),
         timeouts: proxy::PeerTimeouts {
@@ -210,7 +246,8 @@ fn main() -> anyhow::Result<()> {
         },
         max_tries: up.max_tries.max(1),
         access_log: config.access_log,
-        body_limits: config.limits.clone(),
+        limits: config.limits.clone(),
+        conns: conns.clone(),
         upstream_duration: metrics
             .meter()
             .f64_histogram("edge.upstream.duration")
@@ -228,7 +265,21 @@ fn main() -> anyhow::Result<()> {
         limit_metrics,
         tracer: service_core::telemetry::tracer("edge"),
     };
-    let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
+    let mut http = pingora::proxy::http_proxy(&server.configuration, proxy);
+    // HTTP/2: Pingora's bounded defaults, with room above `limits.max_header_bytes` so that the edge's own
+    // check answers (problem+json) and the h2 crate's bare 431 is only a backstop; idle connections close.
+    let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+    h2.max_header_list_size(u32::try_from(lim.max_header_bytes.saturating_mul(2).max(64 * 1024)).unwrap_or(u32::MAX));
+    http.h2_options = Some(h2);
+    let mut server_options = pingora::apps::HttpServerOptions::default();
+    server_options.h2_idle_timeout = Some(Duration::from_secs(lim.keepalive_timeout_secs.max(1)));
+    http.server_options = Some(server_options);
+    let mut service = pingora::services::listening::Service::new(
+        "edge".to_owned(),
+        connections::Tracked { inner: Arc::new(http), conns: conns.clone() },
+    );
+    service.set_connection_filter(Arc::new(connections::Cap(conns.clone())));
+    service.endpoints().set_pre_tls_callback(Arc::new(connections::Register(conns)));
     service.add_tls_with_settings(&config.listen.to_string(), None, tls_settings);
     server.add_service(service);
     if let Some(addr) = config.redirect.listen {

@@ -22,6 +22,7 @@ use service_core::problem::Problem;
 use service_core::telemetry::{self, Context, TraceContextExt as _};
 use tracing::Instrument as _;
 
+use crate::connections::{ClientGuard, Connections, RequestGuard};
 use crate::ratelimit::{self, Applied, LimitMetrics};
 
 pub const REQUEST_ID: &str = "x-request-id";
@@ -45,6 +46,12 @@ pub struct RequestCtx {
     /// The body limit of the request's path, and the body bytes seen so far.
     body_limit: u64,
     body_seen: u64,
+    /// The connection has a request in flight (its idle deadline waits) while held.
+    _connection: Option<RequestGuard>,
+    /// The client key's slot among its requests in flight (`limits.max_requests_per_client`).
+    _client_slot: Option<ClientGuard>,
+    /// The instance timed out while the client had not finished sending the body: the client's fault (408).
+    client_stalled: bool,
 }
 
 /// Timeouts of the connections to the gateway instances.
@@ -61,7 +68,8 @@ pub struct EdgeProxy {
     pub retries: Counter<u64>,
     /// One JSON line per request on stdout.
     pub access_log: bool,
-    pub body_limits: crate::config::BodyLimits,
+    pub limits: crate::config::Limits,
+    pub conns: Arc<Connections>,
     pub duration: Histogram<f64>,
     /// Time until the instance's response header, per instance.
     pub upstream_duration: Histogram<f64>,
@@ -87,7 +95,22 @@ impl ProxyHttp for EdgeProxy {
             trace_id: None,
             body_limit: u64::MAX,
             body_seen: 0,
+            _connection: None,
+            _client_slot: None,
+            client_stalled: false,
         }
+    }
+
+    /// The request head is in: the connection is busy, and this request's timeouts are set (Pingora keeps an
+    /// HTTP/1.1 connection open forever, and reads and writes without a deadline, unless told).
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<()> {
+        let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
+        ctx._connection = self.conns.request_started(peer);
+        let l = &self.limits;
+        session.set_keepalive(Some(l.keepalive_timeout_secs.max(1)));
+        session.set_read_timeout(Some(Duration::from_secs(l.body_timeout_secs.max(1))));
+        session.set_write_timeout(Some(Duration::from_secs(l.send_timeout_secs.max(1))));
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
@@ -96,13 +119,28 @@ impl ProxyHttp for EdgeProxy {
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         ctx.trace = self.server_span(session, &ctx.request_id);
-        // A declared body over the path's limit is refused before anything else (no bucket is charged for it);
-        // one sent without a length is counted in `request_body_filter`.
-        ctx.body_limit = self.body_limits.for_path(session.req_header().uri.path());
+        // A head or a declared body over the limits is refused before anything else (no bucket is charged for
+        // it); a body sent without a length is counted in `request_body_filter`.
+        if let Some(problem) = self.head_over_limits(session) {
+            self.refuse(session, ctx, problem, &[]).await;
+            return Ok(true);
+        }
+        ctx.body_limit = self.limits.for_path(session.req_header().uri.path());
         let declared = header(session.req_header(), "content-length").and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > ctx.body_limit) {
-            self.too_large(session, ctx).await;
+            let problem = Problem::new("payload-too-large", 413, "Content Too Large")
+                .with_detail(format!("the request body exceeds {} bytes", ctx.body_limit));
+            self.refuse(session, ctx, problem, &[]).await;
             return Ok(true);
+        }
+        match self.client_slot(session) {
+            Ok(slot) => ctx._client_slot = slot,
+            Err(max) => {
+                let problem = Problem::new("too-many-requests-in-flight", 429, "Too Many Requests")
+                    .with_detail(format!("this client already has {max} requests in flight, the most allowed"));
+                self.refuse(session, ctx, problem, &[("retry-after", "1".to_owned())]).await;
+                return Ok(true);
+            }
         }
         let trace = ctx.trace.clone();
         ratelimit::apply(&self.limiter, &self.limit_metrics, session, &ctx.request_id, &mut ctx.limits, &trace)
@@ -157,7 +195,9 @@ impl ProxyHttp for EdgeProxy {
         client_reused: bool,
     ) -> Box<pingora::Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let upstream_fault = e.esource() == &ErrorSource::Upstream;
+        // The instance waited for a body the client stopped sending: not the instance's fault.
+        ctx.client_stalled = e.etype() == &ErrorType::ReadTimedout && !session.is_body_done();
+        let upstream_fault = e.esource() == &ErrorSource::Upstream && !ctx.client_stalled;
         // Only the instance's own failures count against it (not a client that went away), and a pooled
         // connection it had already closed says nothing about it, unless it stopped answering.
         let stale_pooled = client_reused && !matches!(e.etype(), ErrorType::ReadTimedout | ErrorType::WriteTimedout);
@@ -263,6 +303,10 @@ impl ProxyHttp for EdgeProxy {
         let (status, slug, title) = match e.etype() {
             ErrorType::HTTPStatus(413) => (413, "payload-too-large", "Content Too Large"),
             ErrorType::HTTPStatus(code) => (*code, "http-error", "Error"),
+            // The client paused longer than `limits.body_timeout_secs` in its body.
+            ErrorType::ReadTimedout if e.esource() == &ErrorSource::Downstream || ctx.client_stalled => {
+                (408, "request-timeout", "Request Timeout")
+            }
             _ if e.esource() == &ErrorSource::Downstream => {
                 let code = match e.etype() {
                     ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
@@ -337,14 +381,57 @@ impl ProxyHttp for EdgeProxy {
 }
 
 impl EdgeProxy {
-    /// `413` problem+json; the connection is closed (the rest of the body is not read).
-    async fn too_large(&self, session: &mut Session, ctx: &RequestCtx) {
-        let problem = Problem::new("payload-too-large", 413, "Content Too Large")
-            .with_detail(format!("the request body exceeds {} bytes", ctx.body_limit));
+    /// Answers `problem` and closes the connection (the rest of the request is not read).
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        problem: Problem,
+        extra: &[(&'static str, String)],
+    ) {
         session.set_keepalive(None);
-        if let Err(e) = crate::respond::problem(session, &problem, &ctx.request_id, &[]).await {
-            tracing::debug!(error = %e, "could not send the 413");
+        if let Err(e) = crate::respond::problem(session, &problem, &ctx.request_id, extra).await {
+            tracing::debug!(error = %e, status = problem.status, "could not send the refusal");
         }
+    }
+
+    /// `431` when the request head has more fields or bytes than allowed. HTTP/1.1: the head's bytes as
+    /// received; HTTP/2: the decoded fields counted as its header list (name + value + 32 each, RFC 7541).
+    fn head_over_limits(&self, session: &Session) -> Option<Problem> {
+        let req = session.req_header();
+        let count = req.headers.len();
+        let bytes = match session.as_downstream().as_http1() {
+            Some(h1) => h1.get_headers_raw_bytes().len(),
+            None => req.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum(),
+        };
+        let (max_count, max_bytes) = (self.limits.max_headers, self.limits.max_header_bytes);
+        let detail = if count > max_count {
+            format!("{count} header fields; at most {max_count}")
+        } else if bytes > max_bytes {
+            format!("the request head is {bytes} bytes; at most {max_bytes}")
+        } else {
+            return None;
+        };
+        Some(
+            Problem::new("request-header-fields-too-large", 431, "Request Header Fields Too Large").with_detail(detail),
+        )
+    }
+
+    /// A slot among the client key's requests in flight; `Err(max)` when it has them all. Exempt clients and
+    /// requests without a peer address take none.
+    fn client_slot(&self, session: &Session) -> std::result::Result<Option<ClientGuard>, u32> {
+        let Some(peer) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) else { return Ok(None) };
+        let active = self.limiter.active();
+        let client = &active.policy.client;
+        let chain = forwarded_chain(&session.req_header().headers);
+        let ip = edge::client::client_ip(peer, chain.as_deref(), &client.trusted_proxies);
+        if active.policy.is_exempt(ip) {
+            return Ok(None);
+        }
+        self.conns
+            .client_request(edge::client::ip_key(ip, client.ipv6_prefix))
+            .map(Some)
+            .ok_or(self.limits.max_requests_per_client)
     }
 
     /// Starts the request's SERVER span, continuing the client's `traceparent` when it sent a valid one.

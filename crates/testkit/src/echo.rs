@@ -1,5 +1,6 @@
-//! An upstream that answers every request with what it received (method, path, headers as JSON), to test what
-//! the edge forwards. `?delay_ms=N` makes it answer after N milliseconds (a slow request in flight).
+//! An upstream that answers every request with what it received (method, path, headers and the body's size as
+//! JSON), to test what the edge forwards. It reads the whole body before answering, as an API does.
+//! `?delay_ms=N` makes it answer after N milliseconds (a slow request in flight).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -26,17 +27,20 @@ pub async fn start(port: u16) -> anyhow::Result<tokio::task::JoinHandle<()>> {
                     if let Some(ms) = delay {
                         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                     }
+                    let (parts, body) = req.into_parts();
+                    let body_bytes = http_body_util::BodyExt::collect(body).await.map(|b| b.to_bytes().len());
                     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-                    for (k, v) in req.headers() {
+                    for (k, v) in &parts.headers {
                         headers
                             .entry(k.as_str().to_owned())
                             .or_default()
                             .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
                     }
                     let body = serde_json::json!({
-                        "method": req.method().as_str(),
-                        "path": req.uri().path(),
+                        "method": parts.method.as_str(),
+                        "path": parts.uri.path(),
                         "headers": headers,
+                        "body_bytes": body_bytes.ok(),
                     });
                     let mut resp = hyper::Response::new(Full::new(Bytes::from(body.to_string())));
                     resp.headers_mut()

@@ -25,8 +25,30 @@ pub use tansu::{ONE_RECORD_PER_BATCH, Tansu};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, never handed out before by this process.
+///
+/// Taken below Linux's ephemeral range (32768-60999): a port the kernel picked with `bind(0)` is released
+/// here and bound again later by a service, and meanwhile any outgoing connection (a health check, a broker
+/// client) may be given the same number as its local port, which then fails the service's bind (seen in CI:
+/// a gateway that could not bind its admin port, and another process answering there). Each test process
+/// starts at its own offset and walks the range.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % SPAN,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::AcqRel) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -1,0 +1,293 @@
+//! Downstream connections: how many are open (TLS handshakes included) and established, a global cap (over
+//! it, new connections are closed before TLS, as a full `worker_connections` would leave them waiting), TLS
+//! handshake outcomes, a deadline for a connection that does not send a complete request head (slowloris; nginx's
+//! `client_header_timeout`, which closes without an answer), and nginx's `limit_conn`: requests in flight per
+//! client key.
+//!
+//! Pingora 0.9.1 has no hook for a connection's end or for a failed handshake; what it has: a connection filter
+//! (before TLS, feature `connection_filter`), a pre-TLS callback that may attach a tracer to the socket, whose
+//! `on_disconnected` runs when the socket is dropped (handshake failed or connection done), and the service's
+//! app, which gets each connection after its handshake and holds it until it ends. Connections are known by
+//! their peer address (unique among live connections to one listener).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use edge::limits::Key;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::Counter;
+use pingora::apps::ServerApp;
+use pingora::listeners::{ConnectionFilter, PreTlsProcess};
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::{GetSocketDigest, Stream};
+use pingora::server::ShutdownWatch;
+use pingora::upstreams::peer::{Tracer, Tracing};
+
+/// The limits, from `[limits]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub max_connections: u64,
+    /// For a new connection's first request head.
+    pub header_timeout: Duration,
+    /// Added to `header_timeout` once a connection has served a request (its idle time before the next).
+    pub keepalive_timeout: Duration,
+    /// Requests in flight per client key; 0: no limit.
+    pub max_requests_per_client: u32,
+}
+
+pub struct Metrics {
+    /// `result`: `ok`, `failed` (closed before its handshake completed).
+    pub handshakes: Counter<u64>,
+    /// `reason`: `max_connections`.
+    pub refused: Counter<u64>,
+    /// Closed by the edge, `reason`: `header_timeout` (no complete request head in time), `idle`.
+    pub closed: Counter<u64>,
+}
+
+pub struct Connections {
+    settings: Settings,
+    metrics: Metrics,
+    epoch: Instant,
+    live: Mutex<HashMap<SocketAddr, Arc<Conn>>>,
+    open: AtomicU64,
+    established: AtomicU64,
+    in_flight_per_client: Mutex<HashMap<Key, u32>>,
+}
+
+/// One live connection.
+struct Conn {
+    established: AtomicBool,
+    gone: AtomicBool,
+    in_flight: AtomicU32,
+    served: AtomicBool,
+    /// Milliseconds since `epoch` when the connection last had no request in flight.
+    idle_since_ms: AtomicU64,
+}
+
+impl Connections {
+    pub fn new(settings: Settings, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            metrics,
+            epoch: Instant::now(),
+            live: Mutex::default(),
+            open: AtomicU64::new(0),
+            established: AtomicU64::new(0),
+            in_flight_per_client: Mutex::default(),
+        })
+    }
+
+    /// Open connections: (handshaking, established).
+    pub fn counts(&self) -> (u64, u64) {
+        let open = self.open.load(Ordering::Relaxed);
+        let established = self.established.load(Ordering::Relaxed);
+        (open.saturating_sub(established), established)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn find(&self, addr: &SocketAddr) -> Option<Arc<Conn>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).get(addr).cloned()
+    }
+
+    /// A request of the connection from `peer` starts; its end (the guard's drop) makes the connection idle.
+    pub fn request_started(self: &Arc<Self>, peer: Option<SocketAddr>) -> Option<RequestGuard> {
+        let conn = self.find(&peer?)?;
+        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        Some(RequestGuard { conns: self.clone(), conn })
+    }
+
+    /// Counts a request in flight for client `key`; `None` when the client already has the maximum (nginx
+    /// `limit_conn`: answer 503).
+    pub fn client_request(self: &Arc<Self>, key: Key) -> Option<ClientGuard> {
+        let max = self.settings.max_requests_per_client;
+        let mut counts = self.in_flight_per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(key).or_insert(0);
+        if max > 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientGuard { conns: self.clone(), key })
+    }
+
+    /// Resolves when `conn` has gone without a request in flight for longer than allowed; names why.
+    async fn deadline(&self, conn: &Conn) -> &'static str {
+        loop {
+            let served = conn.served.load(Ordering::Acquire);
+            let limit = if served {
+                self.settings.header_timeout + self.settings.keepalive_timeout
+            } else {
+                self.settings.header_timeout
+            };
+            if conn.in_flight.load(Ordering::Acquire) > 0 {
+                tokio::time::sleep(limit.min(Duration::from_secs(1))).await;
+                continue;
+            }
+            let idle = Duration::from_millis(self.now_ms().saturating_sub(conn.idle_since_ms.load(Ordering::Acquire)));
+            match limit.checked_sub(idle) {
+                Some(left) if !left.is_zero() => tokio::time::sleep(left).await,
+                _ => return if served { "idle" } else { "header_timeout" },
+            }
+        }
+    }
+}
+
+/// Held while a request is in flight on its connection.
+pub struct RequestGuard {
+    conns: Arc<Connections>,
+    conn: Arc<Conn>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.conn.idle_since_ms.store(self.conns.now_ms(), Ordering::Release);
+        self.conn.served.store(true, Ordering::Release);
+        self.conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Held while a request of a client key is in flight.
+pub struct ClientGuard {
+    conns: Arc<Connections>,
+    key: Key,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        let mut counts = self.conns.in_flight_per_client.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+fn peer_of(digest: Option<Arc<pingora::protocols::SocketDigest>>) -> Option<SocketAddr> {
+    digest?.peer_addr()?.as_inet().copied()
+}
+
+/// Before TLS: refuses connections over the cap (the listener drops them; the client sees the connection
+/// closed before any TLS byte).
+#[derive(Clone)]
+pub struct Cap(pub Arc<Connections>);
+
+impl std::fmt::Debug for Cap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cap").field("max", &self.0.settings.max_connections).finish()
+    }
+}
+
+#[async_trait]
+impl ConnectionFilter for Cap {
+    async fn should_accept(&self, _addr: Option<&SocketAddr>) -> bool {
+        let ok = self.0.open.load(Ordering::Acquire) < self.0.settings.max_connections;
+        if !ok {
+            self.0.metrics.refused.add(1, &[KeyValue::new("reason", "max_connections")]);
+        }
+        ok
+    }
+}
+
+/// Before TLS: registers the connection and attaches the tracer that sees it go.
+pub struct Register(pub Arc<Connections>);
+
+#[async_trait]
+impl PreTlsProcess for Register {
+    async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
+        let Some(addr) = peer_of(stream.get_socket_digest()) else { return Ok(()) };
+        let conns = &self.0;
+        let conn = Arc::new(Conn {
+            established: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+            in_flight: AtomicU32::new(0),
+            served: AtomicBool::new(false),
+            idle_since_ms: AtomicU64::new(conns.now_ms()),
+        });
+        conns.open.fetch_add(1, Ordering::AcqRel);
+        conns.live.lock().unwrap_or_else(|e| e.into_inner()).insert(addr, conn.clone());
+        stream.tracer = Some(Tracer(Box::new(Ticket { conns: conns.clone(), addr, conn })));
+        Ok(())
+    }
+}
+
+/// Sees the socket dropped: the connection is over (or its handshake failed).
+#[derive(Clone)]
+struct Ticket {
+    conns: Arc<Connections>,
+    addr: SocketAddr,
+    conn: Arc<Conn>,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket").field("addr", &self.addr).finish()
+    }
+}
+
+impl Tracing for Ticket {
+    fn on_connected(&self) {}
+
+    fn on_disconnected(&self) {
+        // Clones of the tracer share `conn`: count the end once.
+        if self.conn.gone.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let c = &self.conns;
+        c.open.fetch_sub(1, Ordering::AcqRel);
+        {
+            let mut live = c.live.lock().unwrap_or_else(|e| e.into_inner());
+            if live.get(&self.addr).is_some_and(|x| Arc::ptr_eq(x, &self.conn)) {
+                live.remove(&self.addr);
+            }
+        }
+        if self.conn.established.load(Ordering::Acquire) {
+            c.established.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            c.metrics.handshakes.add(1, &[KeyValue::new("result", "failed")]);
+        }
+    }
+
+    fn boxed_clone(&self) -> Box<dyn Tracing> {
+        Box::new(self.clone())
+    }
+}
+
+/// The proxy, holding each established connection under its deadline.
+pub struct Tracked<A> {
+    pub inner: Arc<A>,
+    pub conns: Arc<Connections>,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Tracked<A> {
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let Some(conn) = peer_of(stream.get_socket_digest()).and_then(|a| self.conns.find(&a)) else {
+            return self.inner.process_new(stream, shutdown).await;
+        };
+        if !conn.established.swap(true, Ordering::AcqRel) {
+            self.conns.established.fetch_add(1, Ordering::AcqRel);
+            self.conns.metrics.handshakes.add(1, &[KeyValue::new("result", "ok")]);
+        }
+        tokio::select! {
+            kept = self.inner.process_new(stream, shutdown) => kept,
+            reason = self.conns.deadline(&conn) => {
+                self.conns.metrics.closed.add(1, &[KeyValue::new("reason", reason)]);
+                tracing::info!(reason, "closed a connection that sent no complete request in time");
+                None
+            }
+        }
+    }
+
+    async fn cleanup(&self) {
+        // The proxy's cleanup wakes kept-alive connections waiting for a request when the server stops.
+        self.inner.cleanup().await;
+    }
+}
