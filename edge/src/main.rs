@@ -79,6 +79,21 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
+/// Writes the buffered access log lines every 100 ms, through the drain too (the last ones are written when
+/// the server has stopped).
+struct AccessLogFlush;
+
+#[async_trait]
+impl pingora::services::background::BackgroundService for AccessLogFlush {
+    async fn start(&self, _shutdown: pingora::server::ShutdownWatch) {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            every.tick().await;
+            proxy::flush_access_log();
+        }
+    }
+}
+
 /// A metrics callback observing `value` of every zone of the active policy, labelled by zone name.
 fn per_zone(
     limiter: Arc<Limiter>,
@@ -318,6 +333,7 @@ fn main() -> anyhow::Result<()> {
             reloads: cert_reloads,
         },
     ));
+    server.add_service(background_service("access-log", AccessLogFlush));
     server.add_service(background_service(
         "admin",
         admin::AdminService { listener: Mutex::new(Some(admin_listener)), state: AdminState { readiness, metrics } },
@@ -326,6 +342,7 @@ fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %config.listen, admin = %config.admin_listen, upstream = ?config.upstream.server_list(),
         cert = %cert.display(), sha256 = %certs.current().fingerprint, "edge starting");
     server.run(RunArgs { shutdown_signal: Box::new(Signals) });
+    proxy::flush_access_log();
     tracing.shutdown();
     tracing::info!("edge stopped");
     Ok(())

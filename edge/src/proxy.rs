@@ -456,38 +456,104 @@ impl EdgeProxy {
     }
 }
 
+/// One access log line (field order is the line's).
+#[derive(serde::Serialize)]
+struct AccessLine<'a> {
+    time: String,
+    log: &'static str,
+    client: &'a str,
+    method: &'a str,
+    path: &'a str,
+    protocol: &'static str,
+    status: u16,
+    bytes: usize,
+    upstream: Option<SocketAddr>,
+    upstream_ms: Option<f64>,
+    total_ms: f64,
+    tries: usize,
+    rate_limit: Option<&'static str>,
+    rate_limit_delay_ms: u64,
+    request_id: &'a str,
+    trace_id: Option<String>,
+    user_agent: Option<&'a str>,
+}
+
 /// Writes the request's access log line: one JSON object on stdout (what a log collector in Kubernetes reads),
-/// written whole in one `write`.
+/// through [`access_sink`].
 fn access_log(session: &Session, status: u16, ctx: &RequestCtx) {
-    use std::io::Write as _;
     let req = session.req_header();
     // The trace the upstream continued, else the client's (a request answered at the edge).
     let trace_id = ctx.trace_id.clone().or_else(|| {
         let sc = ctx.trace.span().span_context().clone();
         sc.is_valid().then(|| sc.trace_id().to_string())
     });
-    let line = serde_json::json!({
-        "time": time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-        "log": "access",
-        "client": ctx.limits.client,
-        "method": req.method.as_str(),
-        "path": req.uri.path(),
-        "protocol": format!("{:?}", req.version),
-        "status": status,
-        "bytes": session.body_bytes_sent(),
-        "upstream": ctx.lease.as_ref().map(|l| l.instance.addr.to_string()),
-        "upstream_ms": ctx.upstream_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
-        "total_ms": (ctx.started.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
-        "tries": ctx.tried.len() + usize::from(ctx.lease.is_some()),
-        "rate_limit": if ctx.limits.outcome.is_empty() { None } else { Some(ctx.limits.outcome) },
-        "rate_limit_delay_ms": ctx.limits.delay_ms,
-        "request_id": ctx.request_id,
-        "trace_id": trace_id,
-        "user_agent": header(req, "user-agent"),
-    });
-    let mut text = line.to_string();
-    text.push('\n');
-    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    let line = AccessLine {
+        time: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        log: "access",
+        client: &ctx.limits.client,
+        method: req.method.as_str(),
+        path: req.uri.path(),
+        protocol: protocol(req.version),
+        status,
+        bytes: session.body_bytes_sent(),
+        upstream: ctx.lease.as_ref().map(|l| l.instance.addr),
+        upstream_ms: ctx.upstream_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
+        total_ms: (ctx.started.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
+        tries: ctx.tried.len() + usize::from(ctx.lease.is_some()),
+        rate_limit: if ctx.limits.outcome.is_empty() { None } else { Some(ctx.limits.outcome) },
+        rate_limit_delay_ms: ctx.limits.delay_ms,
+        request_id: &ctx.request_id,
+        trace_id,
+        user_agent: header(req, "user-agent"),
+    };
+    let mut text = Vec::with_capacity(512);
+    if serde_json::to_writer(&mut text, &line).is_ok() {
+        text.push(b'\n');
+        access_sink(text);
+    }
+}
+
+fn protocol(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// The access log's buffer: lines are written to stdout when 32 KiB have gathered, by [`flush_access_log`]
+/// (every 100 ms from a timer), and at exit. A `write` per line cost the proxy thread about 15 µs per request
+/// under load; handing lines to a writer thread cost as much in wake-ups.
+static ACCESS_LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+const ACCESS_LOG_BATCH: usize = 32 * 1024;
+
+fn access_sink(line: Vec<u8>) {
+    let full = {
+        let mut buf = ACCESS_LOG.lock().unwrap_or_else(|e| e.into_inner());
+        buf.extend_from_slice(&line);
+        (buf.len() >= ACCESS_LOG_BATCH).then(|| std::mem::take(&mut *buf))
+    };
+    if let Some(batch) = full {
+        write_stdout(&batch);
+    }
+}
+
+/// Writes what the access log holds. Called by a timer, and at exit (Pingora ends the process with `exit`).
+pub fn flush_access_log() {
+    let batch = std::mem::take(&mut *ACCESS_LOG.lock().unwrap_or_else(|e| e.into_inner()));
+    if !batch.is_empty() {
+        write_stdout(&batch);
+    }
+}
+
+fn write_stdout(bytes: &[u8]) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(bytes).and_then(|()| out.flush());
 }
 
 /// `2xx`, `4xx`, ...; `0` when nothing was answered.

@@ -1,0 +1,43 @@
+//! A Pingora HTTPS reverse proxy with no logic at all: TLS 1.2/1.3 with h2 and http/1.1 by ALPN, every request
+//! to one upstream over kept-alive connections. The edge benchmark (`loadtest/edge-bench`) measures it beside
+//! the edge: the difference is what the edge's own work costs.
+//!
+//! `bare-proxy LISTEN UPSTREAM CERT KEY [THREADS]`, e.g. `bare-proxy 127.0.0.1:9443 127.0.0.1:9080 cert.pem key.pem 1`
+
+use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
+use pingora::prelude::{HttpPeer, Opt, ProxyHttp, Result, Session};
+use pingora::server::Server;
+use pingora::server::configuration::ServerConf;
+
+struct Bare {
+    upstream: String,
+}
+
+#[async_trait]
+impl ProxyHttp for Bare {
+    type CTX = ();
+
+    fn new_ctx(&self) -> Self::CTX {}
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
+        Ok(Box::new(HttpPeer::new(self.upstream.as_str(), false, String::new())))
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, listen, upstream, cert, key, rest @ ..] = args.as_slice() else {
+        anyhow::bail!("usage: bare-proxy LISTEN UPSTREAM CERT KEY [THREADS]");
+    };
+    let threads = rest.first().map(|t| t.parse()).transpose()?.unwrap_or(1);
+    let conf = ServerConf { threads, ..ServerConf::default() };
+    let mut server = Server::new_with_opt_and_conf(Some(Opt::default()), conf);
+    server.bootstrap();
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, Bare { upstream: upstream.clone() });
+    let mut tls = TlsSettings::intermediate(cert, key)?;
+    tls.enable_h2();
+    service.add_tls_with_settings(listen, None, tls);
+    server.add_service(service);
+    server.run_forever()
+}

@@ -1,0 +1,370 @@
+#!/usr/bin/env python3
+"""The edge against nginx and against the bare Pingora proxy, on this machine, as ratios measured in one run.
+
+Targets, each a TLS reverse proxy on one core (taskset -c 1) in front of the same upstream (an nginx answering
+a 221-byte body on plain HTTP, with the load generator on core 0):
+  nginx  Debian's nginx, one worker, TLS 1.2/1.3 + h2, keep-alive to the upstream, limit_req with a zone that
+         never rejects, access log to a file;
+  bare   loadtest/bare-proxy: Pingora with no logic, the edge's TLS backend (OpenSSL) and allocator;
+  edge   the edge, one thread, its default policy engine with a zone that never rejects, access log to a file;
+and the upstream directly (plain HTTP: the ceiling of the load generator and the upstream).
+
+Loads: HTTP/1.1 keep-alive (wrk -c64), HTTP/2 (h2load -c64 -m10), a new connection and TLS handshake per
+request (wrk -c64 with Connection: close). For each: req/s, latency p50/p99 (h2load: mean and max), CPU
+seconds of the proxy per 100k requests (from /proc) and its peak RSS. Rounds alternate the targets; the
+medians are compared.
+
+Usage (via loadtest/edge-bench, which builds the release binaries): edge_bench.py BIN_DIR [SECONDS] [ROUNDS]
+Loopback only; every process it starts is stopped by PID at the end.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+BODY = ("x" * 220) + "\n"  # 221 bytes, the planning measurement's upstream body
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROXY_CORE, LOAD_CORE = "1", "0"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    import socket
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def rss_mib(pid: int) -> float:
+    total = 0
+    for p in tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+class Proc:
+    """A process we started, stopped by PID."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict | None = None, core: str | None = None):
+        if core is not None:
+            argv = ["taskset", "-c", core, *argv]
+        self.name = name
+        self.log = open(log, "ab")
+        self.p = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.log.close()
+
+
+def nginx_conf(work: Path, name: str, server: str, http_extra: str = "") -> Path:
+    d = work / name
+    d.mkdir(exist_ok=True)
+    conf = d / "nginx.conf"
+    conf.write_text(
+        f"""worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  keepalive_requests 1000000;
+  {http_extra}
+  {server}
+}}
+"""
+    )
+    return conf
+
+
+def start_nginx(work: Path, name: str, conf: Path, core: str) -> Proc:
+    return Proc(name, ["/usr/sbin/nginx", "-p", f"{work / name}/", "-c", str(conf), "-g", "daemon off;"],
+                work / f"{name}.log", core=core)
+
+
+def run_wrk(url: str, secs: int, close: bool) -> dict:
+    argv = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", "-c64", f"-d{secs}s", "--latency"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    out = subprocess.run(argv + [url], capture_output=True, text=True, check=True).stdout
+    def field(prefix):
+        for line in out.splitlines():
+            if line.strip().startswith(prefix):
+                return line.split()[1]
+        return None
+    def ms(v):
+        if v is None:
+            return float("nan")
+        m = re.match(r"([\d.]+)(us|ms|s)", v)
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else float("nan")
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(field("Requests/sec:") or 0), "p50": ms(field("50%")), "p99": ms(field("99%")),
+            "requests": total, "errors": errors + (int(non2xx.group(1)) if non2xx else 0)}
+
+
+def run_h2load(url: str, secs: int) -> dict:
+    argv = ["taskset", "-c", LOAD_CORE, "h2load", "-c64", "-m10", "-D", str(secs), "--warm-up-time=1", url]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    # "time for request:  min  max  mean  sd  +/- sd"
+    t = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    def ms(v):
+        m = re.match(r"([\d.]+)(us|ms|s)", v)
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else float("nan")
+    return {"rps": rps, "p50": ms(t.group(3)), "p99": ms(t.group(2)), "requests": int(done.group(1)),
+            "errors": int(done.group(3)) + int(done.group(4))}
+
+
+def measure(target: str, pid: int | None, url: str, load: str, secs: int) -> dict:
+    """One measured run: the load's figures plus the proxy's CPU per 100k requests and peak RSS."""
+    runner = {"h1": lambda: run_wrk(url, secs, False), "h2": lambda: run_h2load(url, secs),
+              "conn": lambda: run_wrk(url, secs, True)}[load]
+    # Warm-up (connections, caches), not counted.
+    {"h1": lambda: run_wrk(url, 2, False), "h2": lambda: run_h2load(url, 2),
+     "conn": lambda: run_wrk(url, 2, True)}[load]()
+    peak, stop = [0.0], threading.Event()
+    def sample():
+        while not stop.is_set():
+            if pid:
+                peak[0] = max(peak[0], rss_mib(pid))
+            stop.wait(0.5)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    before = cpu_seconds(pid) if pid else 0.0
+    r = runner()
+    after = cpu_seconds(pid) if pid else 0.0
+    stop.set()
+    sampler.join()
+    r["cpu_per_100k"] = (after - before) * 100_000 / r["requests"] if r["requests"] and pid else float("nan")
+    r["rss_mib"] = peak[0] if pid else float("nan")
+    return r
+
+
+def main() -> int:
+    if len(sys.argv) < 2:
+        print(__doc__)
+        return 2
+    bin_dir = Path(sys.argv[1])
+    secs = int(sys.argv[2]) if len(sys.argv) > 2 else 10
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    for tool in ["wrk", "h2load", "taskset", "openssl", "/usr/sbin/nginx"]:
+        if not shutil.which(tool):
+            sys.exit(f"edge_bench: {tool} is missing (scripts/prereqs installs it)")
+    work = Path(tempfile.mkdtemp(prefix="edge-bench-"))
+    cert, key = work / "cert.pem", work / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-days", "2", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    (work / "body.txt").write_text(BODY)
+    ports = {k: free_port() for k in ["upstream", "nginx", "bare", "edge", "edge_admin"]}
+    procs: list[Proc] = []
+    try:
+        up = nginx_conf(work, "upstream",
+                        f"server {{ listen 127.0.0.1:{ports['upstream']}; access_log off; "
+                        f"location / {{ default_type text/plain; return 200 '{BODY[:-1]}\\n'; }} }}")
+        procs.append(start_nginx(work, "upstream", up, LOAD_CORE))
+        proxy = nginx_conf(
+            work, "nginx",
+            f"""server {{
+    listen 127.0.0.1:{ports['nginx']} ssl http2;
+    ssl_certificate {cert}; ssl_certificate_key {key}; ssl_protocols TLSv1.2 TLSv1.3;
+    access_log {work}/nginx/access.log;
+    location / {{
+      limit_req zone=bench burst=1000000 nodelay;
+      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+    }}
+  }}""",
+            f"limit_req_zone $binary_remote_addr zone=bench:10m rate=1000000r/s;\n"
+            f"  upstream up {{ server 127.0.0.1:{ports['upstream']}; keepalive 64; }}")
+        nginx = start_nginx(work, "nginx", proxy, PROXY_CORE)
+        procs.append(nginx)
+        bare = Proc("bare", [str(bin_dir / "bare-proxy"), f"127.0.0.1:{ports['bare']}",
+                             f"127.0.0.1:{ports['upstream']}", str(cert), str(key), "1"],
+                    work / "bare.log", core=PROXY_CORE)
+        procs.append(bare)
+        policies = work / "policies"
+        policies.mkdir()
+        (policies / "bench.toml").write_text(
+            '[zones.bench]\nrate = "1000000r/s"\nburst = 1000000\nmode = "nodelay"\n'
+            '[[routes]]\nname = "all"\npath_prefix = "/"\nzones = ["bench"]\n')
+        edge_env = {
+            "EDGE_LISTEN": f"127.0.0.1:{ports['edge']}", "EDGE_ADMIN_LISTEN": f"127.0.0.1:{ports['edge_admin']}",
+            "EDGE_THREADS": "1", "EDGE_UPSTREAM__ADDRESS": f"127.0.0.1:{ports['upstream']}",
+            "EDGE_UPSTREAM__HEALTH__PORT": "0", "EDGE_TLS__CERT_PATH": str(cert), "EDGE_TLS__KEY_PATH": str(key),
+            "EDGE_POLICY__DIR": str(policies), "EDGE_UPGRADE_SOCK": str(work / "upgrade.sock"),
+            # nginx has no limit_conn here; 64 connections x 10 streams would exceed the default 100.
+            "EDGE_LIMITS__MAX_REQUESTS_PER_CLIENT": "0", "RUST_LOG": "warn",
+        }
+        edge = Proc("edge", [str(bin_dir / "edge")], work / "edge-access.log", env=edge_env, core=PROXY_CORE)
+        procs.append(edge)
+        for name in ["upstream", "nginx", "bare", "edge"]:
+            wait_port(ports[name])
+        # The edge takes requests once its upstream passed a health check.
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                if subprocess.run(["curl", "-sf", f"http://127.0.0.1:{ports['edge_admin']}/readyz"],
+                                  capture_output=True).returncode == 0:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        nginx_worker = max(tree(nginx.p.pid))  # the worker (the master only waits)
+        targets = {
+            "nginx": (nginx_worker, f"https://127.0.0.1:{ports['nginx']}/"),
+            "bare": (bare.p.pid, f"https://127.0.0.1:{ports['bare']}/"),
+            "edge": (edge.p.pid, f"https://127.0.0.1:{ports['edge']}/"),
+        }
+        results: dict[tuple[str, str], list[dict]] = {}
+        print(f"edge benchmark: {rounds} rounds of {secs} s, proxies on core {PROXY_CORE}, load on core {LOAD_CORE}",
+              flush=True)
+        for rnd in range(1, rounds + 1):
+            for load in ["h1", "h2", "conn"]:
+                for target, (pid, url) in targets.items():
+                    profile = (os.environ.get("PROFILE") == "1" and rnd == rounds and load == "h1"
+                               and target in ("edge", "bare") and shutil.which("perf"))
+                    perf = start_perf(pid, work / f"perf-{target}.data", secs) if profile else None
+                    r = measure(target, pid, url, load, secs)
+                    if perf:
+                        report_perf(perf, work / f"perf-{target}.data", target)
+                    results.setdefault((target, load), []).append(r)
+                    print(f"round {rnd} {load:4} {target:8} {json.dumps({k: round(v, 2) for k, v in r.items()})}",
+                          flush=True)
+        for load in ["h1", "conn"]:
+            r = measure("upstream", None, f"http://127.0.0.1:{ports['upstream']}/", load, secs)
+            results[("upstream", load)] = [r]
+            print(f"upstream {load:4} {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
+        report(results)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def start_perf(pid: int, out: Path, secs: int) -> subprocess.Popen:
+    """Samples `pid` during the measured part of the next run (after its 2-second warm-up)."""
+    return subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", str(out), "-p", str(pid), "--",
+                             "sleep", str(secs + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def report_perf(perf: subprocess.Popen, data: Path, target: str) -> None:
+    perf.wait()
+    for title, args in [("by library", ["--sort", "dso"]), ("by function", ["--sort", "sym"])]:
+        out = subprocess.run(["perf", "report", "--stdio", "--no-children", "-g", "none", "--percent-limit", "1",
+                              *args, "-i", str(data)], capture_output=True, text=True).stdout
+        print(f"--- perf: {target} CPU {title} (self time, HTTP/1.1 keep-alive) ---")
+        for line in [l for l in out.splitlines() if l.strip() and not l.startswith("#")][:40]:
+            print(line)
+
+
+def median(runs: list[dict]) -> dict:
+    """The run with the median req/s (its other figures with it)."""
+    ordered = sorted(runs, key=lambda r: r["rps"])
+    return ordered[len(ordered) // 2]
+
+
+def report(results: dict) -> None:
+    med = {k: median(v) for k, v in results.items()}
+    names = {"h1": "HTTP/1.1 keep-alive", "h2": "HTTP/2 (h2load -m10)", "conn": "new connection per request"}
+    print("\n| load | target | req/s | p50 ms | p99 ms | CPU s / 100k req | peak RSS MiB | errors |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for load in ["h1", "h2", "conn"]:
+        for target in ["nginx", "bare", "edge", "upstream"]:
+            r = med.get((target, load))
+            if r:
+                print(f"| {names[load]} | {target} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | "
+                      f"{r['cpu_per_100k']:.2f} | {r['rss_mib']:.0f} | {r['errors']} |")
+    print("\n(h2load reports mean and max latency: they stand in the p50 and p99 columns for HTTP/2.)")
+    print("\n| load | edge / bare req/s | edge / bare CPU | bare / nginx req/s | edge / nginx req/s | "
+          "edge / nginx p99 | edge / nginx RSS |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for load in ["h1", "h2", "conn"]:
+        e, b, n = med[("edge", load)], med[("bare", load)], med[("nginx", load)]
+        print(f"| {names[load]} | {e['rps'] / b['rps']:.2f} | {e['cpu_per_100k'] / b['cpu_per_100k']:.2f} | "
+              f"{b['rps'] / n['rps']:.2f} | {e['rps'] / n['rps']:.2f} | {e['p99'] / n['p99']:.2f} | "
+              f"{e['rss_mib'] / n['rss_mib']:.2f} |")
+    e, b, n = med[("edge", "h1")], med[("bare", "h1")], med[("nginx", "h1")]
+    c_e, c_n = med[("edge", "conn")], med[("nginx", "conn")]
+    print("\nTargets (HTTP/1.1 keep-alive unless said):")
+    checks = [
+        ("edge >= 0.9x bare req/s", e["rps"] / b["rps"], 0.9, True),
+        ("edge <= 1.15x bare CPU per request", e["cpu_per_100k"] / b["cpu_per_100k"], 1.15, False),
+        ("edge >= 0.6x nginx req/s", e["rps"] / n["rps"], 0.6, True),
+        ("edge >= 0.95x nginx req/s, new connection per request", c_e["rps"] / c_n["rps"], 0.95, True),
+        ("edge p99 <= 1.5x nginx", e["p99"] / n["p99"], 1.5, False),
+        ("edge RSS <= 1.5x nginx", e["rss_mib"] / n["rss_mib"], 1.5, False),
+    ]
+    for name, value, bound, at_least in checks:
+        ok = value >= bound if at_least else value <= bound
+        print(f"  {'met    ' if ok else 'NOT met'} {name}: {value:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
