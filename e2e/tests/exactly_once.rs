@@ -25,18 +25,12 @@ async fn assert_exactly(stack: &Stack, ids: &[uuid::Uuid], timeout: Duration) ->
     }
     // A redelivery after the last commit would show up now, if the inbox failed.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let row = db
-        .query_one(
-            "SELECT (SELECT count(*) FROM orders),
-                    (SELECT count(*) FROM orders WHERE id = ANY($1)),
-                    (SELECT count(*) FROM processed_events WHERE consumer = 'persist'),
-                    (SELECT count(*) FROM order_status_history),
-                    (SELECT count(*) FROM order_items)",
-            &[&ids],
-        )
-        .await?;
-    let counts: Vec<i64> = (0..5).map(|i| row.get(i)).collect();
-    assert_eq!(counts, [n, n, n, 2 * n, 2 * n], "orders, of ours, inbox rows, history rows, lines");
+    let s = stack.postgres.stored(ids).await?;
+    assert_eq!(
+        [s.orders, s.of_ids, s.inbox, s.history, s.items],
+        [n, n, n, 2 * n, 2 * n],
+        "orders, of ours, inbox rows, history rows, lines"
+    );
     Ok(())
 }
 

@@ -203,18 +203,9 @@ impl Harness {
         self.fact("stored after the load stopped", format!("{:.1} s", waited.elapsed().as_secs_f64()));
         // A message redelivered after the last commit would show up now if the inbox failed.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let row = db
-            .query_one(
-                "SELECT (SELECT count(*) FROM orders),
-                        (SELECT count(*) FROM orders WHERE id = ANY($1)),
-                        (SELECT count(*) FROM processed_events WHERE consumer = 'persist'),
-                        (SELECT count(*) FROM order_status_history),
-                        (SELECT count(*) FROM orders WHERE status = 'rejected')",
-                &[&ids],
-            )
-            .await?;
-        let [total, ours_now, inbox, history, rejected]: [i64; 5] = std::array::from_fn(|i| row.get(i));
-        ours = ours.max(ours_now);
+        let testkit::Stored { orders: total, of_ids, inbox, history, rejected, .. } =
+            self.stack.postgres.stored(&ids).await?;
+        ours = ours.max(of_ids);
         self.fact("orders acknowledged (201, 202, 422, 504)", n.to_string());
         self.fact("orders stored", format!("{total} ({rejected} rejected by the rules)"));
         let extra = total - ours;

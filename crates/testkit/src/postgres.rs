@@ -7,6 +7,18 @@ use std::process::Command;
 
 use tempfile::TempDir;
 
+/// Row counts: orders, those among some ids, the persist job's inbox rows, status history rows, order lines,
+/// rejected orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub orders: i64,
+    pub of_ids: i64,
+    pub inbox: i64,
+    pub history: i64,
+    pub items: i64,
+    pub rejected: i64,
+}
+
 pub struct Postgres {
     dir: TempDir,
     bin: PathBuf,
@@ -75,6 +87,31 @@ impl Postgres {
     pub fn pid(&self) -> Option<u32> {
         let text = std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid")).ok()?;
         text.lines().next()?.trim().parse().ok()
+    }
+
+    /// What the database holds, in all and of the orders `ids`: what exactly-once checks compare.
+    pub async fn stored(&self, ids: &[uuid::Uuid]) -> anyhow::Result<Stored> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT (SELECT count(*) FROM orders),
+                        (SELECT count(*) FROM orders WHERE id = ANY($1)),
+                        (SELECT count(*) FROM processed_events WHERE consumer = 'persist'),
+                        (SELECT count(*) FROM order_status_history),
+                        (SELECT count(*) FROM order_items),
+                        (SELECT count(*) FROM orders WHERE status = 'rejected')",
+                &[&ids],
+            )
+            .await?;
+        Ok(Stored {
+            orders: row.get(0),
+            of_ids: row.get(1),
+            inbox: row.get(2),
+            history: row.get(3),
+            items: row.get(4),
+            rejected: row.get(5),
+        })
     }
 
     fn data_dir(&self) -> String {
