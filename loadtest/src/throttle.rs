@@ -16,7 +16,7 @@ pub struct Throttle {
 enum How {
     /// The cgroup directories made (one for v2; `cpu` and maybe `memory` for v1), and where processes go back.
     Cgroup {
-        dirs: Vec<(PathBuf, PathBuf)>,
+        dirs: Made,
         pids: Vec<u32>,
     },
     DutyCycle {
@@ -32,11 +32,11 @@ impl Throttle {
         let pids = with_descendants(pids);
         anyhow::ensure!(!pids.is_empty(), "no process to throttle");
         let period = 100_000u64;
-        let quota = ((cpu * period as f64) as u64).max(1000);
+        let limits = Limits { quota: ((cpu * period as f64) as u64).max(1000), period, memory };
         let mem = memory.map(|m| format!(", memory {} MiB", m / (1024 * 1024))).unwrap_or_default();
-        match cgroup_v2(name, &pids, quota, period, memory).or_else(|e2| {
-            cgroup_v1(name, &pids, quota, period, memory).map_err(|e1| anyhow::anyhow!("v2: {e2}; v1: {e1}"))
-        }) {
+        match cgroup_v2(name, &pids, limits)
+            .or_else(|e2| cgroup_v1(name, &pids, limits).map_err(|e1| anyhow::anyhow!("v2: {e2}; v1: {e1}")))
+        {
             Ok((dirs, version)) => Ok(Self {
                 how: How::Cgroup { dirs, pids: pids.clone() },
                 description: format!("{:.0}% of a CPU{mem} (cgroup {version})", cpu * 100.0),
@@ -76,13 +76,22 @@ impl Drop for Throttle {
     }
 }
 
-fn cgroup_v2(
-    name: &str,
-    pids: &[u32],
+/// CPU time allowed per period (µs), and the memory limit.
+#[derive(Clone, Copy)]
+struct Limits {
     quota: u64,
     period: u64,
     memory: Option<u64>,
-) -> anyhow::Result<(Vec<(PathBuf, PathBuf)>, &'static str)> {
+}
+
+/// The cgroup directories made, each with where its processes go back.
+type Made = Vec<(PathBuf, PathBuf)>;
+
+fn cgroup_v2(
+    name: &str,
+    pids: &[u32],
+    Limits { quota, period, memory }: Limits,
+) -> anyhow::Result<(Made, &'static str)> {
     let root = Path::new(ROOT);
     let controllers = std::fs::read_to_string(root.join("cgroup.controllers"))?;
     anyhow::ensure!(controllers.split_whitespace().any(|c| c == "cpu"), "no cpu controller");
@@ -104,15 +113,13 @@ fn cgroup_v2(
 fn cgroup_v1(
     name: &str,
     pids: &[u32],
-    quota: u64,
-    period: u64,
-    memory: Option<u64>,
-) -> anyhow::Result<(Vec<(PathBuf, PathBuf)>, &'static str)> {
+    Limits { quota, period, memory }: Limits,
+) -> anyhow::Result<(Made, &'static str)> {
     let cpu_root = Path::new(ROOT).join("cpu");
     let cpu = cpu_root.join(name);
     make_dir(&cpu)?;
     let mut made = vec![(cpu.clone(), cpu_root)];
-    let setup = |made: &mut Vec<(PathBuf, PathBuf)>| -> anyhow::Result<()> {
+    let setup = |made: &mut Made| -> anyhow::Result<()> {
         std::fs::write(cpu.join("cpu.cfs_period_us"), period.to_string())?;
         std::fs::write(cpu.join("cpu.cfs_quota_us"), quota.to_string())?;
         move_pids(&cpu, pids)?;
