@@ -44,8 +44,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most header fields in a request: more gets `431`.
     pub max_headers: usize,
-    /// Time a new connection has to send a complete request head (TLS handshake included), and a kept-alive one
-    /// beyond its idle time: then it is closed without an answer, as nginx does.
+    /// Time a new connection has, once its TLS handshake is done, to send a complete request head, and a
+    /// kept-alive one beyond its idle time: then it is closed without an answer, as nginx does. (The handshake
+    /// itself has Pingora's fixed 60 s.)
     pub header_timeout_secs: u64,
     /// Longest pause between two reads of a request body (HTTP/1.1): then `408` and the connection closed.
     /// Keep it below `upstream.read_timeout_ms`.

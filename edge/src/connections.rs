@@ -104,7 +104,7 @@ impl Connections {
     }
 
     /// Counts a request in flight for client `key`; `None` when the client already has the maximum (nginx
-    /// `limit_conn`: answer 503).
+    /// `limit_conn`; the edge answers 429).
     pub fn client_request(self: &Arc<Self>, key: Key) -> Option<ClientGuard> {
         let max = self.settings.max_requests_per_client;
         let mut counts = self.in_flight_per_client.lock().unwrap_or_else(|e| e.into_inner());
@@ -175,7 +175,8 @@ fn peer_of(digest: Option<Arc<pingora::protocols::SocketDigest>>) -> Option<Sock
 }
 
 /// Before TLS: refuses connections over the cap (the listener drops them; the client sees the connection
-/// closed before any TLS byte).
+/// closed before any TLS byte). The cap is soft by the connections accepted but not yet registered (counted in
+/// their own task a moment later): a few over it in a burst of accepts.
 #[derive(Clone)]
 pub struct Cap(pub Arc<Connections>);
 

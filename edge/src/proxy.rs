@@ -52,6 +52,8 @@ pub struct RequestCtx {
     _client_slot: Option<ClientGuard>,
     /// The instance timed out while the client had not finished sending the body: the client's fault (408).
     client_stalled: bool,
+    /// When the last chunk of the request body came.
+    last_body_at: Option<Instant>,
 }
 
 /// Timeouts of the connections to the gateway instances.
@@ -98,6 +100,7 @@ impl ProxyHttp for EdgeProxy {
             _connection: None,
             _client_slot: None,
             client_stalled: false,
+            last_body_at: None,
         }
     }
 
@@ -195,8 +198,12 @@ impl ProxyHttp for EdgeProxy {
         client_reused: bool,
     ) -> Box<pingora::Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        // The instance waited for a body the client stopped sending: not the instance's fault.
-        ctx.client_stalled = e.etype() == &ErrorType::ReadTimedout && !session.is_body_done();
+        // The instance waited for a body the client stopped sending (nothing from it for as long as the instance's
+        // read timeout): not the instance's fault.
+        let quiet_since = ctx.last_body_at.unwrap_or(ctx.started);
+        ctx.client_stalled = e.etype() == &ErrorType::ReadTimedout
+            && !session.is_body_done()
+            && quiet_since.elapsed() >= self.timeouts.read;
         let upstream_fault = e.esource() == &ErrorSource::Upstream && !ctx.client_stalled;
         // Only the instance's own failures count against it (not a client that went away), and a pooled
         // connection it had already closed says nothing about it, unless it stopped answering.
@@ -228,6 +235,7 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         if let Some(chunk) = body {
+            ctx.last_body_at = Some(Instant::now());
             ctx.body_seen += chunk.len() as u64;
             if ctx.body_seen > ctx.body_limit {
                 return Err(pingora::Error::explain(ErrorType::HTTPStatus(413), "request body over the limit"));
@@ -309,7 +317,11 @@ impl ProxyHttp for EdgeProxy {
             }
             _ if e.esource() == &ErrorSource::Downstream => {
                 let code = match e.etype() {
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    // The client is gone or stopped reading: nothing to answer it.
+                    ErrorType::WriteError
+                    | ErrorType::WriteTimedout
+                    | ErrorType::ReadError
+                    | ErrorType::ConnectionClosed => 0,
                     _ => 400,
                 };
                 (code, "bad-request", "Bad Request")
@@ -326,7 +338,8 @@ impl ProxyHttp for EdgeProxy {
             _ if e.esource() == &ErrorSource::Upstream => (502, "bad-gateway", "Bad Gateway"),
             _ => (500, "internal-error", "Internal Server Error"),
         };
-        if status > 0 {
+        // Once a response header went out, a problem body would be spliced into that response.
+        if status > 0 && session.response_written().is_none() {
             let problem = Problem::new(slug, status, title);
             let extra: Vec<(&'static str, String)> =
                 if status == 503 { vec![("retry-after", "1".to_owned())] } else { Vec::new() };
@@ -526,8 +539,8 @@ fn protocol(v: http::Version) -> &'static str {
 }
 
 /// The access log's buffer: lines are written to stdout when 32 KiB have gathered, by [`flush_access_log`]
-/// (every 100 ms from a timer), and at exit. A `write` per line cost the proxy thread about 15 µs per request
-/// under load; handing lines to a writer thread cost as much in wake-ups.
+/// (every 100 ms from a timer), and when the server has stopped. A `write` per line cost the proxy thread about
+/// 15 µs per request under load; handing lines to a writer thread cost as much in wake-ups.
 static ACCESS_LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
 const ACCESS_LOG_BATCH: usize = 32 * 1024;
 
@@ -535,25 +548,22 @@ fn access_sink(line: Vec<u8>) {
     let full = {
         let mut buf = ACCESS_LOG.lock().unwrap_or_else(|e| e.into_inner());
         buf.extend_from_slice(&line);
-        (buf.len() >= ACCESS_LOG_BATCH).then(|| std::mem::take(&mut *buf))
+        buf.len() >= ACCESS_LOG_BATCH
     };
-    if let Some(batch) = full {
-        write_stdout(&batch);
+    if full {
+        flush_access_log();
     }
 }
 
-/// Writes what the access log holds. Called by a timer, and at exit (Pingora ends the process with `exit`).
+/// Writes what the access log holds. The buffer is taken while stdout is held, so batches are written in the
+/// order their lines came (lock order: stdout, then the buffer; `access_sink` never holds both).
 pub fn flush_access_log() {
-    let batch = std::mem::take(&mut *ACCESS_LOG.lock().unwrap_or_else(|e| e.into_inner()));
-    if !batch.is_empty() {
-        write_stdout(&batch);
-    }
-}
-
-fn write_stdout(bytes: &[u8]) {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
-    let _ = out.write_all(bytes).and_then(|()| out.flush());
+    let batch = std::mem::take(&mut *ACCESS_LOG.lock().unwrap_or_else(|e| e.into_inner()));
+    if !batch.is_empty() {
+        let _ = out.write_all(&batch).and_then(|()| out.flush());
+    }
 }
 
 /// `2xx`, `4xx`, ...; `0` when nothing was answered.

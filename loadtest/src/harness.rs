@@ -209,7 +209,8 @@ impl Harness {
         self.fact("orders acknowledged (201, 202, 422, 504)", n.to_string());
         self.fact("orders stored", format!("{total} ({rejected} rejected by the rules)"));
         let extra = total - ours;
-        let ok = duplicates == 0
+        let ok = n > 0
+            && duplicates == 0
             && ours == n
             && extra >= 0
             && extra as u64 <= unseen

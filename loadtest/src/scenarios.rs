@@ -38,6 +38,11 @@ pub async fn steady(opts: &Options) -> anyhow::Result<Outcome> {
     let load = Load { mode: "mix", ..async_load("mix, many clients", opts, opts.duration, 0.0) };
     let s = h.load(&load).await?;
     check_no_errors(&mut h, "no errors", &s, MIX_OK);
+    h.check(
+        "reads of stored orders answered",
+        s.count(200) > 0 && s.count(404) * 10 <= s.count(200),
+        format!("{} reads answered 200, {} not stored yet (404; at most a tenth allowed)", s.count(200), s.count(404)),
+    );
     h.fact("throughput", format!("{:.0} req/s", s.rps()));
     h.fact("reads of orders not stored yet (404)", s.count(404).to_string());
     h.check_exactly_once(&s.created, s.unseen(), drain_timeout(opts)).await?;

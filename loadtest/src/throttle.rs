@@ -17,11 +17,11 @@ enum How {
     /// The cgroup directories made (one for v2; `cpu` and maybe `memory` for v1), and where processes go back.
     Cgroup {
         dirs: Made,
-        pids: Vec<u32>,
     },
     DutyCycle {
         stop: tokio::sync::watch::Sender<bool>,
         task: tokio::task::JoinHandle<()>,
+        pids: Vec<u32>,
     },
 }
 
@@ -38,13 +38,13 @@ impl Throttle {
             .or_else(|e2| cgroup_v1(name, &pids, limits).map_err(|e1| anyhow::anyhow!("v2: {e2}; v1: {e1}")))
         {
             Ok((dirs, version)) => Ok(Self {
-                how: How::Cgroup { dirs, pids: pids.clone() },
+                how: How::Cgroup { dirs },
                 description: format!("{:.0}% of a CPU{mem} (cgroup {version})", cpu * 100.0),
             }),
             Err(e) => {
-                let (stop, task) = duty_cycle(pids, cpu);
+                let (stop, task) = duty_cycle(pids.clone(), cpu);
                 Ok(Self {
-                    how: How::DutyCycle { stop, task },
+                    how: How::DutyCycle { stop, task, pids },
                     description: format!(
                         "{:.0}% of a CPU by SIGSTOP/SIGCONT every 100 ms, no memory limit (no cgroup: {e})",
                         cpu * 100.0
@@ -58,19 +58,12 @@ impl Throttle {
 impl Drop for Throttle {
     fn drop(&mut self) {
         match &mut self.how {
-            How::Cgroup { dirs, pids } => {
-                for (dir, parent) in dirs.iter() {
-                    // Every process still in the cgroup (the listed ones and those forked since) goes back.
-                    let members = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-                    for pid in members.lines().map(str::to_owned).chain(pids.iter().map(u32::to_string)) {
-                        let _ = std::fs::write(parent.join("cgroup.procs"), &pid);
-                    }
-                    let _ = std::fs::remove_dir(dir);
-                }
-            }
-            How::DutyCycle { stop, task } => {
+            How::Cgroup { dirs, .. } => undo(dirs),
+            How::DutyCycle { stop, task, pids } => {
                 let _ = stop.send(true);
                 task.abort();
+                // The aborted task may have left them stopped.
+                signal_all(pids, libc::SIGCONT);
             }
         }
     }
@@ -95,7 +88,9 @@ fn cgroup_v2(
     let root = Path::new(ROOT);
     let controllers = std::fs::read_to_string(root.join("cgroup.controllers"))?;
     anyhow::ensure!(controllers.split_whitespace().any(|c| c == "cpu"), "no cpu controller");
-    let _ = std::fs::write(root.join("cgroup.subtree_control"), "+cpu +memory");
+    // One controller per write: a missing memory controller must not keep cpu off.
+    let _ = std::fs::write(root.join("cgroup.subtree_control"), "+cpu");
+    let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory");
     let dir = root.join(name);
     make_dir(&dir)?;
     let made = vec![(dir.clone(), root.to_path_buf())];
@@ -153,12 +148,30 @@ fn move_pids(dir: &Path, pids: &[u32]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Lifts the limits first (a process forked meanwhile is then not held), moves every process back to the
+/// parent until none is left, and removes the cgroup.
 fn undo(dirs: &[(PathBuf, PathBuf)]) {
     for (dir, parent) in dirs {
-        for pid in std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines() {
-            let _ = std::fs::write(parent.join("cgroup.procs"), pid);
+        for (file, unlimited) in [
+            ("cpu.max", "max 100000"),
+            ("memory.max", "max"),
+            ("cpu.cfs_quota_us", "-1"),
+            ("memory.limit_in_bytes", "-1"),
+        ] {
+            if dir.join(file).exists() {
+                let _ = std::fs::write(dir.join(file), unlimited);
+            }
         }
-        let _ = std::fs::remove_dir(dir);
+        for _ in 0..50 {
+            let members = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            if members.trim().is_empty() && std::fs::remove_dir(dir).is_ok() {
+                break;
+            }
+            for pid in members.lines() {
+                let _ = std::fs::write(parent.join("cgroup.procs"), pid);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 
@@ -214,4 +227,32 @@ pub fn with_descendants(pids: &[u32]) -> Vec<u32> {
     all.sort_unstable();
     all.dedup();
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?.1.split_whitespace().next()?.chars().next()
+    }
+
+    /// Without cgroups the duty cycle stops the processes most of the time; dropping the throttle at any
+    /// moment must leave them running.
+    #[tokio::test]
+    async fn a_dropped_duty_cycle_leaves_its_processes_running() -> anyhow::Result<()> {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn()?;
+        let pid = child.id();
+        for _ in 0..5 {
+            let (stop, task) = duty_cycle(vec![pid], 0.02);
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            drop(Throttle { how: How::DutyCycle { stop, task, pids: vec![pid] }, description: String::new() });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert_ne!(state(pid), Some('T'), "left stopped");
+        }
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
 }
