@@ -28,6 +28,8 @@ from conftest import rendered
         ({"workers": {"jobs": {"sweep": {}}}}, r"additional properties 'sweep'"),
         ({"edge": {"image": {"digest": "latest"}}}, r"/edge/image/digest.*pattern"),
         ({"edge": {"policies": {"files": {"extra.conf": "x"}}}}, r"'extra.conf' does not match pattern .*toml"),
+        ({"edge": {"limits": {"maxHeaders": 300}}}, r"/edge/limits/maxHeaders.*maximum"),
+        ({"edge": {"limits": {"maxConnections": 0}}}, r"/edge/limits/maxConnections.*minimum"),
         ({"otel": {"enabled": True}}, r"/otel/endpoint.*minLength"),
         ({"database": {"url": "mysql://x"}}, r"/database/url.*pattern"),
         ({"edgeReplicas": 3}, r"additional properties 'edgeReplicas'"),
@@ -87,6 +89,16 @@ def test_policy_change_does_not_restart_the_edge_but_config_does():
     a = base.get("Deployment", name).doc["spec"]["template"]["metadata"]["annotations"]["checksum/env"]
     b = cfg.get("Deployment", name).doc["spec"]["template"]["metadata"]["annotations"]["checksum/env"]
     assert a != b, "a configuration change must roll the edge"
+
+
+def test_edge_limits_reach_the_edge_environment():
+    r = chartlib.render("default", {"edge": {"limits": {"maxConnections": 2500000, "maxRequestsPerClient": 0}}})
+    name = next(o.name for o in r.kind("Deployment") if o.name.endswith("-edge"))
+    env = r.get("ConfigMap", name + "-env").doc["data"]
+    # Large numbers stay integers (Helm reads YAML numbers as floats: 2.5e+06 would not parse).
+    assert env["EDGE_LIMITS__MAX_CONNECTIONS"] == "2500000"
+    assert env["EDGE_LIMITS__MAX_REQUESTS_PER_CLIENT"] == "0"
+    assert env["EDGE_LIMITS__MAX_BODY_BYTES"] == "1048576"
 
 
 def test_policy_files_override_by_name():
