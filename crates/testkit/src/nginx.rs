@@ -11,8 +11,16 @@ use crate::process::Service;
 
 pub struct Nginx {
     pub port: u16,
-    _service: Service,
+    service: Service,
     _dir: TempDir,
+}
+
+impl Drop for Nginx {
+    /// SIGTERM (nginx's fast shutdown) so that the master stops its worker: a SIGKILL to the master alone, as
+    /// [`Service`]'s drop would send, leaves the worker running as an orphan.
+    fn drop(&mut self) {
+        let _ = self.service.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    }
 }
 
 impl Nginx {
@@ -50,7 +58,7 @@ impl Nginx {
             dir.path(),
         )?;
         crate::wait_listening(port, Duration::from_secs(10), "nginx to listen").await?;
-        Ok(Self { port, _service: service, _dir: dir })
+        Ok(Self { port, service, _dir: dir })
     }
 
     pub fn url(&self) -> String {
