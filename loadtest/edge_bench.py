@@ -145,6 +145,19 @@ def start_nginx(work: Path, name: str, conf: Path, core: str) -> Proc:
                 work / f"{name}.log", core=core)
 
 
+def ms(v: str | None) -> float:
+    """A latency as wrk and h2load print it (`850.00us`, `1.23ms`, `2.00s`) in milliseconds."""
+    m = re.match(r"([\d.]+)(us|ms|s)", v or "")
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else float("nan")
+
+
+def run_load(load: str, url: str, secs: int) -> dict:
+    """`load` (h1, h2 or conn) against `url` for `secs`."""
+    if load == "h2":
+        return run_h2load(url, secs)
+    return run_wrk(url, secs, close=(load == "conn"))
+
+
 def run_wrk(url: str, secs: int, close: bool) -> dict:
     argv = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", "-c64", f"-d{secs}s", "--latency"]
     if close:
@@ -155,11 +168,6 @@ def run_wrk(url: str, secs: int, close: bool) -> dict:
             if line.strip().startswith(prefix):
                 return line.split()[1]
         return None
-    def ms(v):
-        if v is None:
-            return float("nan")
-        m = re.match(r"([\d.]+)(us|ms|s)", v)
-        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else float("nan")
     total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -174,20 +182,13 @@ def run_h2load(url: str, secs: int) -> dict:
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
     # "time for request:  min  max  mean  sd  +/- sd"
     t = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out)
-    def ms(v):
-        m = re.match(r"([\d.]+)(us|ms|s)", v)
-        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else float("nan")
     return {"rps": rps, "p50": ms(t.group(3)), "p99": ms(t.group(2)), "requests": int(done.group(1)),
             "errors": int(done.group(3)) + int(done.group(4))}
 
 
 def measure(target: str, pid: int | None, url: str, load: str, secs: int) -> dict:
     """One measured run: the load's figures plus the proxy's CPU per 100k requests and peak RSS."""
-    runner = {"h1": lambda: run_wrk(url, secs, False), "h2": lambda: run_h2load(url, secs),
-              "conn": lambda: run_wrk(url, secs, True)}[load]
-    # Warm-up (connections, caches), not counted.
-    {"h1": lambda: run_wrk(url, 2, False), "h2": lambda: run_h2load(url, 2),
-     "conn": lambda: run_wrk(url, 2, True)}[load]()
+    run_load(load, url, 2)  # warm-up (connections, caches), not counted
     peak, stop = [0.0], threading.Event()
     def sample():
         while not stop.is_set():
@@ -197,7 +198,7 @@ def measure(target: str, pid: int | None, url: str, load: str, secs: int) -> dic
     sampler = threading.Thread(target=sample)
     sampler.start()
     before = cpu_seconds(pid) if pid else 0.0
-    r = runner()
+    r = run_load(load, url, secs)
     after = cpu_seconds(pid) if pid else 0.0
     stop.set()
     sampler.join()

@@ -175,16 +175,12 @@ impl Harness {
         self.phases.iter().find(|p| p.name == name).map(|p| (p.start, p.end))
     }
 
-    /// Waits until the stored orders include every id of `created` (all published), then checks that each is
-    /// stored exactly once with its side rows, and that nothing else was stored beyond what `unseen` requests
-    /// (sent, answer never read) may have created. Records the drain time and the invariant.
-    pub async fn check_exactly_once(
-        &mut self,
-        created: &[(u16, uuid::Uuid)],
-        unseen: u64,
-        timeout: Duration,
-    ) -> anyhow::Result<()> {
-        let mut ids: Vec<uuid::Uuid> = created.iter().map(|(_, id)| *id).collect();
+    /// Waits until the stored orders include every id the `loads` were given (all published), then checks that
+    /// each is stored exactly once with its side rows, and that nothing else was stored beyond what their unseen
+    /// requests (sent, answer never read) may have created. Records the drain time and the invariant.
+    pub async fn check_exactly_once(&mut self, loads: &[&Summary], timeout: Duration) -> anyhow::Result<()> {
+        let unseen: u64 = loads.iter().map(|s| s.unseen()).sum();
+        let mut ids: Vec<uuid::Uuid> = loads.iter().flat_map(|s| s.created.iter().map(|(_, id)| *id)).collect();
         ids.sort_unstable();
         let handed_out = ids.len();
         ids.dedup();

@@ -45,7 +45,7 @@ pub async fn steady(opts: &Options) -> anyhow::Result<Outcome> {
     );
     h.fact("throughput", format!("{:.0} req/s", s.rps()));
     h.fact("reads of orders not stored yet (404)", s.count(404).to_string());
-    h.check_exactly_once(&s.created, s.unseen(), drain_timeout(opts)).await?;
+    h.check_exactly_once(&[&s], drain_timeout(opts)).await?;
     check_drained(&mut h).await?;
     h.finish(
         "steady",
@@ -87,9 +87,7 @@ pub async fn workers(opts: &Options) -> anyhow::Result<Outcome> {
     check_no_errors_all(&mut h, &all, &[202]);
     check_latency_unaffected(&mut h, &base, &[("throttled", &throttled), ("down", &down)]);
     check_lag_grew(&mut h, "down", "validate", &down);
-    let created: Vec<_> = all.iter().flat_map(|s| s.created.iter().copied()).collect();
-    let unseen = all.iter().map(|s| s.unseen()).sum();
-    h.check_exactly_once(&created, unseen, drain_timeout(opts)).await?;
+    h.check_exactly_once(&all, drain_timeout(opts)).await?;
     check_drained(&mut h).await?;
     h.finish(
         "workers",
@@ -131,9 +129,7 @@ pub async fn database(opts: &Options) -> anyhow::Result<Outcome> {
         retries_after > retries_before,
         format!("worker_retries_total {retries_before} → {retries_after}"),
     );
-    let created: Vec<_> = all.iter().flat_map(|s| s.created.iter().copied()).collect();
-    let unseen = all.iter().map(|s| s.unseen()).sum();
-    h.check_exactly_once(&created, unseen, drain_timeout(opts)).await?;
+    h.check_exactly_once(&all, drain_timeout(opts)).await?;
     check_drained(&mut h).await?;
     h.finish(
         "database",
@@ -218,7 +214,7 @@ pub async fn limits(opts: &Options) -> anyhow::Result<Outcome> {
     h.fact("abuser at nginx (at once, delayed, rejected)", format!("{nt:?}"));
     check_no_errors(&mut h, "other clients unaffected: no 429, no errors", &others, &[202]);
     h.fact("other clients' p99", format!("{:.1} ms", others.latency_us.p99 as f64 / 1000.0));
-    h.check_exactly_once(&others.created, others.unseen(), drain_timeout(opts)).await?;
+    h.check_exactly_once(&[&others], drain_timeout(opts)).await?;
     h.finish(
         "limits",
         "The edge's limit: one abuser among many clients",
