@@ -56,6 +56,11 @@ fn rss_bytes() -> u64 {
 fn memory_per_key(_c: &mut Criterion) {
     let before = rss_bytes();
     let zone = Zone::new(nginx_default(), 1_000_000);
+    println!(
+        "memory: an empty zone for 1M keys: {:.1} MiB resident of {:.1} MiB allocated",
+        (rss_bytes() - before) as f64 / f64::from(1 << 20),
+        zone.allocated_bytes() as f64 / f64::from(1 << 20)
+    );
     // Fill the zone to what it holds (its tables are sized up to a power of two).
     for k in 0..zone.capacity() as u128 {
         zone.check_and_charge(k, 0);

@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 use governor::clock::{Clock, MonotonicClock, Reference};
 
 use crate::client;
-use crate::limits::{Decision, Limit, Zone, decide};
+use crate::limits::{Decision, Limit, PerLimit, Zone, decide};
 use crate::policy::{KeySource, Policy, ZoneSpec};
 
 /// The policy in force and its zones (same order as `policy.zones`).
@@ -35,7 +35,7 @@ pub struct RequestInfo<'a> {
 pub struct Verdict {
     pub active: Arc<Active>,
     /// Indices into `active.policy.zones`, in the route's order.
-    pub zones: Vec<usize>,
+    pub zones: PerLimit<usize>,
     pub decision: Decision,
     pub client_ip: IpAddr,
     /// Index into `active.policy.routes`: the route that applied.
@@ -93,8 +93,8 @@ impl<C: Clock> Limiter<C> {
             return None;
         }
         let ip_key = client::ip_key(client_ip, policy.client.ipv6_prefix);
-        let zones = route.zones.clone();
-        let limits: Vec<Limit<'_>> = zones
+        let zones: PerLimit<usize> = route.zones.iter().copied().collect();
+        let limits: PerLimit<Limit<'_>> = zones
             .iter()
             .map(|&i| {
                 let spec = &policy.zones[i];

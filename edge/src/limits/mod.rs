@@ -1,16 +1,22 @@
 //! Rate limiting: nginx `limit_req` semantics over in-memory zones.
 //!
 //! - [`algorithm`]: one bucket's arithmetic, exactly nginx's;
-//! - [`zone`]: the buckets of a zone, sharded and bounded in memory;
+//! - [`zone`]: the buckets of a zone, sharded and bounded in memory, in a fixed table ([`table`]);
 //! - [`decide`]: several limits on one request, in nginx's order (check each, the first rejection stops and
 //!   charges nothing; when all pass, all are charged and the longest delay wins).
 
 pub mod algorithm;
+mod table;
 pub mod zone;
 
 pub use zone::{Key, Zone};
 
 use algorithm::Verdict;
+use smallvec::{SmallVec, smallvec};
+
+/// Per-limit values of one request, inline up to four limits (a route rarely has more): no allocation per
+/// decision.
+pub type PerLimit<T> = SmallVec<[T; 4]>;
 
 /// One limit to apply to a request: a zone, the request's key in it, and whether the zone only observes.
 pub struct Limit<'a> {
@@ -55,21 +61,21 @@ impl ZoneOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     /// One outcome per limit, in order.
-    pub outcomes: Vec<ZoneOutcome>,
+    pub outcomes: PerLimit<ZoneOutcome>,
     /// The index of the limit that rejected the request, if one did.
     pub rejected_by: Option<usize>,
     /// How long the request waits before it is forwarded (the longest delay of the enforcing zones).
     pub delay_ms: u64,
     /// Each zone's excess (milli-requests) after this request, where it was charged.
-    pub excess: Vec<Option<u64>>,
+    pub excess: PerLimit<Option<u64>>,
 }
 
 /// Applies `limits` to one request arriving at `now` (ms).
 pub fn decide(limits: &[Limit<'_>], now: u64) -> Decision {
     let n = limits.len();
-    let mut outcomes = vec![ZoneOutcome::Skipped; n];
+    let mut outcomes: PerLimit<ZoneOutcome> = smallvec![ZoneOutcome::Skipped; n];
     // Each zone's excess once it passed; becomes the decision's `excess` (cleared when a zone rejects).
-    let mut passed: Vec<Option<u64>> = vec![None; n];
+    let mut passed: PerLimit<Option<u64>> = smallvec![None; n];
     for (i, l) in limits.iter().enumerate() {
         // The last limit is looked up and charged in one step, the others only looked up (as nginx does).
         let verdict = if i + 1 == n { l.zone.check_and_charge(l.key, now) } else { l.zone.check(l.key, now) };

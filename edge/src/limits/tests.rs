@@ -196,7 +196,7 @@ fn the_first_rejection_stops_and_charges_no_zone() {
     assert_eq!(decide(&limits, 0).rejected_by, None);
     let d = decide(&limits, 0);
     assert_eq!(d.rejected_by, Some(1));
-    assert_eq!(d.outcomes, vec![ZoneOutcome::Skipped, ZoneOutcome::Rejected { retry_after_ms: 1000 }]);
+    assert_eq!(d.outcomes[..], [ZoneOutcome::Skipped, ZoneOutcome::Rejected { retry_after_ms: 1000 }]);
     // The wide zone was charged by the first request only, not by the rejected second one.
     assert_eq!(wide.check(1, 0), algorithm::Verdict::Pass { excess: 1000 });
 }
@@ -207,8 +207,8 @@ fn all_zones_are_charged_and_the_longest_delay_wins() {
     let fast = Zone::new(Params::new(10, 1, 10, Some(0)), 1024);
     let limits = [Limit { zone: &slow, key: 1, dry_run: false }, Limit { zone: &fast, key: 1, dry_run: false }];
     let first = decide(&limits, 0);
-    assert_eq!(first.outcomes, vec![ZoneOutcome::Immediate, ZoneOutcome::Immediate]);
+    assert_eq!(first.outcomes[..], [ZoneOutcome::Immediate, ZoneOutcome::Immediate]);
     let d = decide(&limits, 0);
     assert_eq!(d.delay_ms, 1000);
-    assert_eq!(d.outcomes, vec![ZoneOutcome::Delayed { ms: 1000 }, ZoneOutcome::Delayed { ms: 100 }]);
+    assert_eq!(d.outcomes[..], [ZoneOutcome::Delayed { ms: 1000 }, ZoneOutcome::Delayed { ms: 100 }]);
 }
