@@ -82,6 +82,14 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let cpu = || {
+        [
+            testkit::cpu_seconds(_persist.pid()),
+            testkit::cpu_seconds(stack.tansu.pid()),
+            testkit::tree_cpu_seconds(stack.postgres.pid()),
+        ]
+    };
+    let cpu_before = cpu();
     let deadline = started + Duration::from_secs(1800);
     loop {
         let c: i64 = db.query_one("SELECT count(*) FROM orders", &[]).await?.get(0);
@@ -92,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let drain = started.elapsed();
+    let cpu_after = cpu();
     drop(_persist);
 
     // The same rows, out and back in with COPY.
@@ -119,5 +128,12 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("COPY of the same rows into the same tables: {copy:.2?}: {:.0} events/s", rate(copy));
     println!("persist / COPY = {:.2}", rate(drain) / rate(copy));
+    let cores = |i: usize| (cpu_after[i] - cpu_before[i]) / drain.as_secs_f64();
+    println!(
+        "during the drain, cores used: persist {:.2}, Tansu {:.2}, PostgreSQL {:.2}",
+        cores(0),
+        cores(1),
+        cores(2)
+    );
     Ok(())
 }

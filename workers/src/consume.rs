@@ -23,6 +23,9 @@ use crate::config::{BatchConfig, KafkaConfig};
 /// Read-ahead, in batches, before a job pauses its partitions.
 const AHEAD_BATCHES: usize = 4;
 
+/// How long a batch's work may take before the job pauses its partitions (see [`Source::while_working`]).
+const STALL: Duration = Duration::from_secs(1);
+
 /// How long a job waits for a message before checking that it is not stranded without partitions.
 const IDLE_CHECK: Duration = Duration::from_secs(10);
 
@@ -164,22 +167,29 @@ impl Source {
         Some(batch)
     }
 
-    /// Drives `work` to completion while reading ahead up to `AHEAD_BATCHES` batches; beyond that (the work is
-    /// stuck: the database is down) the assignment is paused, but the consumer keeps being polled so that it stays
-    /// in its group however long `work` takes. Pausing drops librdkafka's prefetched messages, which are fetched
-    /// again on resume, so it is kept for stalls rather than used on every batch.
+    /// Drives `work` to completion while reading ahead up to `AHEAD_BATCHES` batches. With the read-ahead full,
+    /// messages wait in librdkafka's bounded queue (nothing is received, nothing is dropped); only when `work` is
+    /// stuck (longer than [`STALL`]: the database is down) is the assignment paused, so that the consumer can be
+    /// polled and stay in its group however long `work` takes. Pausing drops librdkafka's prefetched messages,
+    /// which are fetched again on resume: pausing on every full read-ahead made a backlog drain fetch much of it
+    /// twice, so it is kept for stalls.
     pub async fn while_working<F: Future>(&mut self, work: F) -> F::Output {
         tokio::pin!(work);
+        let stall = tokio::time::sleep(STALL);
+        tokio::pin!(stall);
+        let mut stalled = false;
         loop {
+            let full = self.ahead.len() >= self.max * AHEAD_BATCHES;
+            if full && stalled && !self.paused {
+                self.set_paused(true);
+            }
             tokio::select! {
                 biased;
                 out = &mut work => return out,
-                m = self.consumer.recv() => {
+                _ = &mut stall, if !stalled => stalled = true,
+                m = self.consumer.recv(), if !full || self.paused => {
                     let m = m.map(|m| m.detach());
                     self.keep(m);
-                    if self.ahead.len() >= self.max * AHEAD_BATCHES && !self.paused {
-                        self.set_paused(true);
-                    }
                 }
             }
         }

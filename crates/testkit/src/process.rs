@@ -130,3 +130,31 @@ impl Drop for Service {
         }
     }
 }
+
+/// utime + stime of `pid`, in seconds (0 when it is gone).
+pub fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let Some(fields) = stat_fields(pid) else { return 0.0 };
+    let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<f64>().ok()).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz
+}
+
+/// [`cpu_seconds`] of `pid` and of its live children (PostgreSQL's backends are children of the postmaster).
+pub fn tree_cpu_seconds(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let children = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| stat_fields(p).and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(pid));
+    cpu_seconds(Some(pid)) + children.map(|c| cpu_seconds(Some(c))).sum::<f64>()
+}
+
+/// The fields of `/proc/{pid}/stat` after the command name (which may hold spaces): state, ppid, ...
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}

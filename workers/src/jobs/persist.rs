@@ -7,8 +7,9 @@
 //! connection), with one array per column (`unnest`) rather than a statement per row. Offsets are stored only
 //! after every transaction of the batch committed.
 //!
-//! PostgreSQL down or slow: the batch is retried with capped, jittered backoff; the consumer reads at most one
-//! batch ahead and then pauses its partitions, so the backlog waits in Kafka. Nothing is skipped and no offset
+//! PostgreSQL down or slow: the batch is retried with capped, jittered backoff; the consumer reads at most four
+//! batches ahead (the rest waits in librdkafka's bounded queue and in Kafka) and pauses its partitions once a
+//! batch has been stuck for a second, so the backlog waits in Kafka. Nothing is skipped and no offset
 //! moves past an unapplied message. A batch that fails on a constraint or data error is split: its events are
 //! applied one by one and only the ones that still fail go to the dead-letter topic.
 
