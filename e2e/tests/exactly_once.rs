@@ -121,3 +121,41 @@ async fn two_persist_instances_share_partitions_through_rebalances() -> anyhow::
     ids.extend(publishing.await??);
     assert_exactly(&stack, &ids, Duration::from_secs(120)).await
 }
+
+/// The broker freezes while `validate` has verdicts in flight, longer than its delivery timeout: the deliveries
+/// fail, librdkafka bumps the idempotent producer's epoch, and Tansu then refuses that producer (fenced) for
+/// good. The job replaces such a producer and every order still gets its verdict and is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_frozen_past_the_delivery_timeout_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let stack = Stack::start(StackOptions {
+        edge: false,
+        gateway: false,
+        env: vec![("workers", "WORKERS_KAFKA__PROPERTIES__MESSAGE_TIMEOUT_MS".into(), "1500".into())],
+        ..StackOptions::default()
+    })
+    .await?;
+    let kafka = Publisher::new(&stack.tansu.brokers())?;
+    let ids = kafka.publish_orders(3_000, "freeze").await?;
+    // Freeze once verdicts flow, with the rest of the commands still to validate.
+    let db = stack.postgres.client().await?;
+    eventually(Duration::from_secs(30), "first orders stored", || {
+        let db = &db;
+        async move {
+            let c: i64 = db.query_one("SELECT count(*) FROM orders", &[]).await.ok()?.get(0);
+            (c > 0).then_some(())
+        }
+    })
+    .await?;
+    stack.tansu.freeze()?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stack.tansu.thaw()?;
+    assert_exactly(&stack, &ids, Duration::from_secs(90)).await?;
+    let log = stack.workers.as_ref().map(Service::log_text).unwrap_or_default();
+    eprintln!(
+        "verdict deliveries failed: {}, producers replaced: {}",
+        log.matches("publishing a verdict failed").count(),
+        log.matches("producer is unusable; replaced it").count()
+    );
+    assert!(log.contains("publishing a verdict failed"), "the freeze made deliveries fail");
+    Ok(())
+}

@@ -106,24 +106,9 @@ impl Publisher {
         (c.generation, c.producer.clone())
     }
 
-    /// Replaces the producer of `generation` if librdkafka declared it unusable (a fatal error), or the broker
-    /// refused its producer id or epoch (`failed`). Both are final for that instance: librdkafka's documentation
-    /// says to create a new one, which gets a new producer id. (Tansu 0.6 answers `ProducerFenced` to every
-    /// later produce once librdkafka bumped the epoch after delivery timeouts, without a fatal error.)
+    /// Replaces the producer of `generation` if it is unusable (see [`service_core::kafka::unusable`]).
     fn renew_if_broken(&self, generation: u64, producer: &FutureProducer<BrokerWatch>, failed: Option<&KafkaError>) {
-        let refused = failed.and_then(KafkaError::rdkafka_error_code).filter(|code| {
-            matches!(
-                code,
-                RDKafkaErrorCode::ProducerFenced
-                    | RDKafkaErrorCode::InvalidProducerEpoch
-                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
-                    | RDKafkaErrorCode::UnknownProducerId
-                    | RDKafkaErrorCode::InvalidProducerIdMapping
-            )
-        });
-        let Some((code, reason)) =
-            producer.client().fatal_error().or_else(|| refused.map(|c| (c, "refused by the broker".to_owned())))
-        else {
+        let Some((code, reason)) = service_core::kafka::unusable(producer.client(), failed) else {
             return;
         };
         if self.generation() != generation {
@@ -147,7 +132,7 @@ impl Publisher {
             std::mem::replace(&mut c.producer, fresh)
         };
         tracing::error!(error = %code, reason, "the Kafka producer is unusable; replaced it");
-        producer_renewed();
+        service_core::kafka::producer_renewed();
         drop_off_runtime(old);
     }
 
@@ -261,17 +246,4 @@ fn drop_off_runtime(producer: FutureProducer<BrokerWatch>) {
         }
         Err(_) => drop(producer),
     }
-}
-
-/// `gateway.kafka.producer.renewals`: producers replaced after a fatal error.
-fn producer_renewed() {
-    static RENEWALS: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> = std::sync::OnceLock::new();
-    RENEWALS
-        .get_or_init(|| {
-            opentelemetry::global::meter("gateway")
-                .u64_counter("gateway.kafka.producer.renewals")
-                .with_description("Kafka producers replaced after a fatal error (fenced, sequence gap)")
-                .build()
-        })
-        .add(1, &[]);
 }

@@ -1,28 +1,51 @@
 //! The dead-letter topic: where a message that no retry can fix goes, with its original key, payload and
 //! headers, plus why it failed and where it came from, so that an operator can inspect and replay it.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::config::KafkaConfig;
+use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 
 #[derive(Clone)]
 pub struct DeadLetters {
-    producer: FutureProducer,
+    /// Replaced when it becomes unusable (see [`service_core::kafka::unusable`]).
+    producer: Arc<RwLock<FutureProducer>>,
+    config: ClientConfig,
     topic: String,
 }
 
 impl DeadLetters {
     pub fn new(kafka: &KafkaConfig, topic: &str) -> Result<Self, KafkaError> {
-        let producer = kafka
-            .client()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("message.timeout.ms", "30000")
-            .create()?;
-        Ok(Self { producer, topic: topic.to_owned() })
+        let mut config = kafka.client();
+        config.set("enable.idempotence", "true").set("acks", "all").set("message.timeout.ms", "30000");
+        let producer = Arc::new(RwLock::new(config.create()?));
+        Ok(Self { producer, config, topic: topic.to_owned() })
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Replaces `used` if it is unusable after `failed` (and nobody replaced it meanwhile).
+    fn renew_if_unusable(&self, used: &FutureProducer, failed: &KafkaError) {
+        let Some((code, reason)) = service_core::kafka::unusable(used.client(), Some(failed)) else { return };
+        let fresh = match self.config.create::<FutureProducer>() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "the dead-letter producer is unusable and could not be replaced");
+                return;
+            }
+        };
+        let mut current = self.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if std::ptr::eq(current.client().native_ptr(), used.client().native_ptr()) {
+            *current = fresh;
+            tracing::error!(error = %code, reason, "the dead-letter producer is unusable; replaced it");
+            service_core::kafka::producer_renewed();
+        }
     }
 
     /// Publishes `msg` to the DLQ with `error` and its origin in headers; returns once the broker confirmed.
@@ -48,13 +71,15 @@ impl DeadLetters {
         if let Some(p) = msg.payload() {
             record = record.payload(p);
         }
-        match self.producer.send(record, Duration::from_secs(30)).await {
+        let producer = self.producer();
+        match producer.send(record, Duration::from_secs(30)).await {
             Ok(_) => {
                 service_core::metrics::message_sent(&self.topic, None);
                 Ok(())
             }
             Err((e, _)) => {
                 service_core::metrics::message_sent(&self.topic, Some("delivery"));
+                self.renew_if_unusable(&producer, &e);
                 Err(e)
             }
         }

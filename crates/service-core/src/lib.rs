@@ -9,12 +9,15 @@
 //! - [`shutdown`]: SIGTERM and SIGINT turned into one cancellation token;
 //! - [`telemetry`]: OpenTelemetry traces exported over OTLP, and W3C trace-context propagation;
 //! - [`problem`]: RFC 9457 problem details, the error body of every HTTP answer we produce;
-//! - `db` (feature `postgres`): database settings and connection pools.
+//! - `db` (feature `postgres`): database settings and connection pools;
+//! - `kafka` (feature `kafka`): when a producer must be replaced.
 
 pub mod admin;
 pub mod config;
 #[cfg(feature = "postgres")]
 pub mod db;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod logging;
 pub mod metrics;
 pub mod problem;

@@ -14,7 +14,7 @@ use opentelemetry::global::BoxedTracer;
 use order_contract::{OrderValidated, SCHEMA_VERSION, decode_command, headers};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use service_core::admin::Readiness;
 use service_core::telemetry::{self, Context, SpanKind, TraceContextExt as _};
 use time::OffsetDateTime;
@@ -51,15 +51,19 @@ struct Out<'a> {
 
 impl ValidateJob {
     /// The idempotent producer of verdicts (`acks=all`, so an acknowledged verdict survives a broker failover).
+    /// `kafka.properties` may change its settings (e.g. `message.timeout.ms`).
     fn producer(&self) -> Result<FutureProducer, KafkaError> {
-        self.kafka
-            .client()
+        let mut config = rdkafka::ClientConfig::new();
+        config
             .set("client.id", format!("workers-{JOB}"))
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
-            .set("message.timeout.ms", "30000")
-            .create()
+            .set("message.timeout.ms", "30000");
+        for (k, v) in self.kafka.client().config_map() {
+            config.set(k, v);
+        }
+        config.create()
     }
 
     /// Runs until `stop`; the batch in hand is finished or left for redelivery.
@@ -67,13 +71,13 @@ impl ValidateJob {
         let mut source = Source::new(JOB, &self.kafka.commands_topic, &self.kafka, &self.batch)?;
         self.metrics.watch_lag(JOB, source.lag.clone());
         self.metrics.start(JOB, &["accepted", "rejected", "dead_lettered"], &["kafka"]);
-        let producer = self.producer()?;
+        let mut producer = self.producer()?;
         self.readiness.set("consumer", true);
         tracing::info!(topic = %self.kafka.commands_topic, "validate job consuming");
         let group = source.group.clone();
         while let Some(batch) = source.next_batch(&stop).await {
             self.metrics.batch(JOB, batch.len());
-            if !source.while_working(self.process(&producer, &batch, &group, &stop)).await {
+            if !source.while_working(self.process(&mut producer, &batch, &group, &stop)).await {
                 break;
             }
             source.done(&batch);
@@ -87,7 +91,7 @@ impl ValidateJob {
     /// Validates and publishes a batch; `false` when stopped before every verdict was acknowledged.
     async fn process(
         &self,
-        producer: &FutureProducer,
+        producer: &mut FutureProducer,
         batch: &[OwnedMessage],
         group: &str,
         stop: &CancellationToken,
@@ -143,6 +147,21 @@ impl ValidateJob {
         true
     }
 
+    /// Replaces an unusable producer (nothing is in flight on it: every delivery was awaited). If no new one
+    /// can be made, the old one stays and the next failure tries again.
+    fn renew(&self, producer: &mut FutureProducer, code: rdkafka::types::RDKafkaErrorCode, reason: &str) {
+        match self.producer() {
+            Ok(fresh) => {
+                let old = std::mem::replace(producer, fresh);
+                // Dropping a producer joins its polling thread: not on the runtime's threads.
+                tokio::task::spawn_blocking(move || drop(old));
+                tracing::error!(error = %code, reason, "the verdict producer is unusable; replaced it");
+                service_core::kafka::producer_renewed();
+            }
+            Err(e) => tracing::error!(error = %e, "the verdict producer is unusable and could not be replaced"),
+        }
+    }
+
     /// The verdict on one command and its encoding, or why the message can only be dead-lettered.
     fn verdict(&self, msg: &OwnedMessage, now: OffsetDateTime) -> Result<(OrderValidated, Vec<u8>), String> {
         let command = decode_command(
@@ -174,13 +193,21 @@ impl ValidateJob {
         Out { topic, key, payload, span, traceparent, correlation_id }
     }
 
-    /// Publishes every record, retrying the failed ones with backoff until all are acknowledged or `stop`.
-    async fn publish(&self, producer: &FutureProducer, mut pending: Vec<Out<'_>>, stop: &CancellationToken) -> bool {
+    /// Publishes every record, retrying the failed ones with backoff until all are acknowledged or `stop`. A
+    /// producer that became unusable (fenced by the broker, a fatal error) is replaced before the retry: it would
+    /// fail every later record.
+    async fn publish(
+        &self,
+        producer: &mut FutureProducer,
+        mut pending: Vec<Out<'_>>,
+        stop: &CancellationToken,
+    ) -> bool {
         let mut backoff = Backoff::new();
         let version = SCHEMA_VERSION.to_string();
         loop {
             let mut inflight = Vec::with_capacity(pending.len());
             let mut failed = Vec::new();
+            let mut unusable = None;
             for out in pending {
                 let headers = OwnedHeaders::new_with_capacity(4)
                     .insert(Header { key: headers::EVENT_TYPE, value: Some(order_contract::ORDER_VALIDATED) })
@@ -198,6 +225,7 @@ impl ValidateJob {
                     Ok(delivery) => inflight.push((delivery, out)),
                     Err((e, _)) => {
                         tracing::debug!(error = %e, "enqueueing a verdict failed");
+                        unusable = unusable.or_else(|| service_core::kafka::unusable(producer.client(), Some(&e)));
                         failed.push(out);
                     }
                 }
@@ -218,6 +246,7 @@ impl ValidateJob {
                     }
                     Ok(Err((e, _))) => {
                         tracing::warn!(error = %e, topic = %out.topic, "publishing a verdict failed; retrying");
+                        unusable = unusable.or_else(|| service_core::kafka::unusable(producer.client(), Some(&e)));
                         service_core::metrics::message_sent(out.topic, Some("delivery"));
                         failed.push(out);
                     }
@@ -226,6 +255,9 @@ impl ValidateJob {
             }
             if failed.is_empty() {
                 return true;
+            }
+            if let Some((code, reason)) = unusable {
+                self.renew(producer, code, &reason);
             }
             self.metrics.retry(JOB, "kafka");
             if !backoff.wait(stop).await {
