@@ -177,3 +177,48 @@ async fn keys_expire_and_abandoned_claims_are_taken_over() -> anyhow::Result<()>
     assert_eq!(history, 2, "received + accepted, once each");
     Ok(())
 }
+
+/// A client that gives up while its keyed request is still being published (the broker is frozen) does not lock
+/// its own retry out: the gateway releases the claim of a request that went away, so the retry is served at once
+/// instead of getting `409` until the claim's lease runs out. The retry republishes the same command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_client_abandoned_does_not_lock_its_key() -> anyhow::Result<()> {
+    let stack = Stack::start(StackOptions { edge: false, ..StackOptions::default() }).await?;
+    let http = reqwest::Client::new();
+    let db = stack.postgres.client().await?;
+    let url = format!("http://127.0.0.1:{}/v1/orders/async", stack.ports.gateway);
+    let token = stack.token();
+    let warm = post(&http, &url, &token, "key-warm", &order("idem-gone")).await?;
+    assert_eq!(warm.status, 202, "{}", warm.body);
+
+    stack.tansu.freeze()?;
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(500)).build()?;
+    let gone = post(&impatient, &url, &token, "key-gone", &order("idem-gone")).await;
+    assert!(gone.is_err(), "the client gave up before the broker answered");
+    let released = eventually(Duration::from_secs(5), "the abandoned claim to be released", || {
+        let db = &db;
+        async move {
+            let row = db
+                .query_opt(
+                    "SELECT 1 FROM idempotency_keys WHERE key = 'key-gone' AND locked_until <= now()
+                     AND response_status IS NULL",
+                    &[],
+                )
+                .await
+                .ok()?;
+            row.map(|_| ())
+        }
+    })
+    .await;
+    stack.tansu.thaw()?;
+    released?;
+    let retry = post(&http, &url, &token, "key-gone", &order("idem-gone")).await?;
+    assert_eq!((retry.status, retry.replayed), (202, false), "{}", retry.body);
+    eventually(Duration::from_secs(30), "both orders to be stored", || async {
+        orders_of(&stack, "idem-gone").await.ok().filter(|n| *n == 2)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(orders_of(&stack, "idem-gone").await?, 2, "the republished command changed nothing");
+    Ok(())
+}

@@ -17,7 +17,7 @@ use service_core::telemetry::{self, Context, TraceContextExt as _};
 use tracing::Instrument as _;
 
 use crate::auth::{AuthError, Verifier};
-use crate::idempotency::{self, Answer, Claim};
+use crate::idempotency::{self, Answer, Claim, ClaimGuard};
 use crate::publish::Publisher;
 use crate::replies::Replies;
 
@@ -165,17 +165,22 @@ impl Api {
             Err(r) => return *r,
         };
         let (mut order_id, mut event_id) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        // Held while this request owns its key; releases it if the request is dropped before it answered.
+        let mut claim: Option<ClaimGuard> = None;
         if let Some((store, key)) = &key {
             let hash = idempotency::fingerprint(&path, &body);
             match store.claim(&principal.subject, key, &hash, (order_id, event_id)).await {
                 Ok(Claim::Owned { order_id: o, event_id: e }) => {
+                    let mut guard = ClaimGuard::new(Arc::clone(store), &principal.subject, key);
                     if !self.readiness.is_ok("kafka") {
+                        guard.disarm();
                         if let Err(e) = store.release(&principal.subject, key).await {
                             tracing::warn!(error = %e, "releasing an idempotency key failed");
                         }
                         return broker_down();
                     }
                     (order_id, event_id) = (o, e);
+                    claim = Some(guard);
                 }
                 Ok(Claim::Replay(answer)) => return replay(answer),
                 Ok(Claim::Mismatch) => {
@@ -208,6 +213,9 @@ impl Api {
         let reply = sync.then_some((self.replies.topic.as_str(), correlation_id.as_str()));
         if let Err(e) = self.publisher.publish(&command, cx, reply).await {
             tracing::warn!(error = %e, "publishing an order failed");
+            if let Some(g) = claim.as_mut() {
+                g.disarm();
+            }
             if let Some((store, key)) = &key
                 && let Err(e) = store.release(&principal.subject, key).await
             {
@@ -237,7 +245,13 @@ impl Api {
             r.headers_mut().insert(header::LOCATION, v);
         }
         match &key {
-            Some((store, key)) => record(store, &principal.subject, key, r).await,
+            Some((store, key)) => {
+                let r = record(store, &principal.subject, key, r).await;
+                if let Some(g) = claim.as_mut() {
+                    g.disarm();
+                }
+                r
+            }
             None => r,
         }
     }

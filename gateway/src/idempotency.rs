@@ -67,6 +67,45 @@ pub fn parse_key(raw: &str) -> Option<&str> {
     ok.then_some(key)
 }
 
+/// A claim this request owns. If the request goes away before it completed or released the claim (the client
+/// disconnected and the server dropped the request), dropping the guard releases it in the background: without
+/// that, the client's retry would get `409` until the lease ran out. The ids stay, so the retry republishes the
+/// same command (see [`Store::release`]).
+pub struct ClaimGuard {
+    store: std::sync::Arc<Store>,
+    principal: String,
+    key: String,
+    armed: bool,
+}
+
+impl ClaimGuard {
+    pub fn new(store: std::sync::Arc<Store>, principal: &str, key: &str) -> Self {
+        Self { store, principal: principal.to_owned(), key: key.to_owned(), armed: true }
+    }
+
+    /// The request completed or released the claim itself.
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (store, principal, key) =
+            (self.store.clone(), std::mem::take(&mut self.principal), std::mem::take(&mut self.key));
+        runtime.spawn(async move {
+            match store.release(&principal, &key).await {
+                Ok(()) => tracing::info!(key, "request gone before its answer: idempotency key released"),
+                Err(e) => tracing::warn!(error = %e, key, "releasing the key of a request that went away failed"),
+            }
+        });
+    }
+}
+
 /// The keys, in PostgreSQL.
 pub struct Store {
     pool: Pool,
