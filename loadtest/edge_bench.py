@@ -315,7 +315,9 @@ def main() -> int:
 
 def start_perf(pid: int, out: Path, secs: int) -> subprocess.Popen:
     """Samples `pid` during the measured part of the next run (after its 2-second warm-up)."""
-    return subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", str(out), "-p", str(pid), "--",
+    # PROFILE_DWARF=1: call graphs from DWARF (release builds have no frame pointers), for inclusive times.
+    graph = ["--call-graph", "dwarf,16384"] if os.environ.get("PROFILE_DWARF") == "1" else ["-g"]
+    return subprocess.Popen(["perf", "record", "-F", "499", *graph, "-o", str(out), "-p", str(pid), "--",
                              "sleep", str(secs + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -326,6 +328,12 @@ def report_perf(perf: subprocess.Popen, data: Path, target: str) -> None:
                               *args, "-i", str(data)], capture_output=True, text=True).stdout
         print(f"--- perf: {target} CPU {title} (self time, HTTP/1.1 keep-alive) ---")
         for line in [l for l in out.splitlines() if l.strip() and not l.startswith("#")][:40]:
+            print(line)
+    if os.environ.get("PROFILE_DWARF") == "1":
+        out = subprocess.run(["perf", "report", "--stdio", "--children", "-g", "none", "--percent-limit", "0.5",
+                              "--sort", "sym", "-i", str(data)], capture_output=True, text=True).stdout
+        print(f"--- perf: {target} CPU by function including callees (HTTP/1.1 keep-alive) ---")
+        for line in [l for l in out.splitlines() if l.strip() and not l.startswith("#")][:150]:
             print(line)
 
 

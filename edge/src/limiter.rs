@@ -20,12 +20,10 @@ pub struct Active {
     pub zones: Vec<Arc<Zone>>,
 }
 
-/// What the limiter needs to know about a request.
+/// What the limiter needs to know about a request (besides who sent it).
 pub struct RequestInfo<'a> {
     pub method: &'a str,
     pub path: &'a str,
-    pub peer: IpAddr,
-    pub forwarded_for: Option<&'a str>,
     pub authorization: Option<&'a str>,
     /// Looks a header up by lower-case name.
     pub header: &'a dyn Fn(&str) -> Option<String>,
@@ -82,13 +80,20 @@ impl<C: Clock> Limiter<C> {
         self.active().zones.iter().map(|z| z.sweep(now)).sum()
     }
 
-    /// Decides on a request; `None` when no route applies or the client is exempt.
-    pub fn check(&self, req: &RequestInfo<'_>) -> Option<Verdict> {
+    /// Decides on a request from `peer` (with its `X-Forwarded-For` chain); `None` when no route applies or the
+    /// client is exempt.
+    pub fn check(&self, req: &RequestInfo<'_>, peer: IpAddr, forwarded_for: Option<&str>) -> Option<Verdict> {
         let active = self.active();
+        let client_ip = client::client_ip(peer, forwarded_for, &active.policy.client.trusted_proxies);
+        self.check_client(active, req, client_ip)
+    }
+
+    /// [`Limiter::check`] for a client address the caller already derived with `active`'s trusted proxies (the
+    /// proxy needs it for the requests-in-flight limit too).
+    pub fn check_client(&self, active: Arc<Active>, req: &RequestInfo<'_>, client_ip: IpAddr) -> Option<Verdict> {
         let policy = &active.policy;
         let route_index = policy.route_index(req.method, req.path)?;
         let route = &policy.routes[route_index];
-        let client_ip = client::client_ip(req.peer, req.forwarded_for, &policy.client.trusted_proxies);
         if policy.is_exempt(client_ip) {
             return None;
         }
@@ -110,7 +115,7 @@ impl<C: Clock> Limiter<C> {
             .collect();
         let decision = decide(&limits, self.now_ms());
         drop(limits);
-        Some(Verdict { active: active.clone(), zones, decision, client_ip, route: route_index })
+        Some(Verdict { active, zones, decision, client_ip, route: route_index })
     }
 }
 
@@ -146,15 +151,16 @@ mod tests {
 
     const BASE: &str = "[zones.ip]\nrate = \"1r/s\"\nburst = 2\n[[routes]]\npath_prefix = \"/\"\nzones = [\"ip\"]\n";
 
-    fn request<'a>(peer: &str, header: &'a dyn Fn(&str) -> Option<String>) -> RequestInfo<'a> {
-        RequestInfo {
-            method: "GET",
-            path: "/x",
-            peer: peer.parse().expect("ip"),
-            forwarded_for: None,
-            authorization: None,
-            header,
-        }
+    fn request<'a>(header: &'a dyn Fn(&str) -> Option<String>) -> RequestInfo<'a> {
+        RequestInfo { method: "GET", path: "/x", authorization: None, header }
+    }
+
+    fn check(
+        limiter: &Limiter<FakeRelativeClock>,
+        peer: &str,
+        header: &dyn Fn(&str) -> Option<String>,
+    ) -> Option<Verdict> {
+        limiter.check(&request(header), peer.parse().expect("ip"), None)
     }
 
     #[test]
@@ -163,12 +169,12 @@ mod tests {
         let limiter = Limiter::with_clock(policy(BASE), clock.clone());
         let none = |_: &str| None;
         for _ in 0..3 {
-            assert_eq!(limiter.check(&request("192.0.2.1", &none)).expect("limited").decision.rejected_by, None);
+            assert_eq!(check(&limiter, "192.0.2.1", &none).expect("limited").decision.rejected_by, None);
         }
-        assert_eq!(limiter.check(&request("192.0.2.1", &none)).expect("limited").decision.rejected_by, Some(0));
+        assert_eq!(check(&limiter, "192.0.2.1", &none).expect("limited").decision.rejected_by, Some(0));
         clock.advance(Duration::from_millis(1000));
         assert_eq!(limiter.now_ms(), 1000);
-        assert_eq!(limiter.check(&request("192.0.2.1", &none)).expect("limited").decision.rejected_by, None);
+        assert_eq!(check(&limiter, "192.0.2.1", &none).expect("limited").decision.rejected_by, None);
     }
 
     #[test]
@@ -176,18 +182,14 @@ mod tests {
         let limiter = Limiter::with_clock(policy(BASE), FakeRelativeClock::default());
         let none = |_: &str| None;
         for _ in 0..3 {
-            limiter.check(&request("192.0.2.1", &none));
+            check(&limiter, "192.0.2.1", &none);
         }
         let with_extra = format!("{BASE}[zones.other]\nrate = \"5r/s\"\n");
         limiter.replace(policy(&with_extra));
-        assert_eq!(
-            limiter.check(&request("192.0.2.1", &none)).expect("limited").decision.rejected_by,
-            Some(0),
-            "state kept"
-        );
+        assert_eq!(check(&limiter, "192.0.2.1", &none).expect("limited").decision.rejected_by, Some(0), "state kept");
         limiter.replace(policy(&BASE.replace("burst = 2", "burst = 3")));
         assert_eq!(
-            limiter.check(&request("192.0.2.1", &none)).expect("limited").decision.rejected_by,
+            check(&limiter, "192.0.2.1", &none).expect("limited").decision.rejected_by,
             None,
             "changed zone starts empty"
         );
@@ -199,10 +201,10 @@ mod tests {
         let limiter = Limiter::with_clock(policy(text), FakeRelativeClock::default());
         let alice = |h: &str| (h == "x-api-key").then(|| "alice".to_owned());
         let none = |_: &str| None;
-        assert_eq!(limiter.check(&request("192.0.2.1", &alice)).expect("limited").decision.rejected_by, None);
+        assert_eq!(check(&limiter, "192.0.2.1", &alice).expect("limited").decision.rejected_by, None);
         // Same address, other key: its own bucket.
-        assert_eq!(limiter.check(&request("192.0.2.1", &none)).expect("limited").decision.rejected_by, None);
-        assert_eq!(limiter.check(&request("192.0.2.2", &alice)).expect("limited").decision.rejected_by, Some(0));
-        assert!(limiter.check(&request("198.51.100.9", &none)).is_none());
+        assert_eq!(check(&limiter, "192.0.2.1", &none).expect("limited").decision.rejected_by, None);
+        assert_eq!(check(&limiter, "192.0.2.2", &alice).expect("limited").decision.rejected_by, Some(0));
+        assert!(check(&limiter, "198.51.100.9", &none).is_none());
     }
 }

@@ -4,6 +4,7 @@
 //! and decide retries on another instance, `upstream_request_filter` sets the forwarding headers,
 //! `response_filter` echoes the request id and the rate-limit headers, `logging` records the metrics.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -136,7 +137,13 @@ impl ProxyHttp for EdgeProxy {
             self.refuse(session, ctx, problem, &[]).await;
             return Ok(true);
         }
-        match self.client_slot(session) {
+        // Who the client is, once: the requests-in-flight limit and the rate limits key on it.
+        let active = self.limiter.active();
+        let client = session.client_addr().and_then(|a| a.as_inet()).map(|peer| {
+            let chain = forwarded_chain(&session.req_header().headers);
+            edge::client::client_ip(peer.ip(), chain.as_deref(), &active.policy.client.trusted_proxies)
+        });
+        match self.client_slot(&active, client) {
             Ok(slot) => ctx._client_slot = slot,
             Err(max) => {
                 let problem = Problem::new("too-many-requests-in-flight", 429, "Too Many Requests")
@@ -146,9 +153,18 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         let trace = ctx.trace.clone();
-        ratelimit::apply(&self.limiter, &self.limit_metrics, session, &ctx.request_id, &mut ctx.limits, &trace)
-            .instrument(telemetry::log_span(&trace))
-            .await
+        ratelimit::apply(
+            &self.limiter,
+            &self.limit_metrics,
+            session,
+            &ctx.request_id,
+            &mut ctx.limits,
+            &trace,
+            active,
+            client,
+        )
+        .instrument(telemetry::log_span(&trace))
+        .await
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
@@ -361,7 +377,7 @@ impl ProxyHttp for EdgeProxy {
             None if status >= 500 => telemetry::end(&ctx.trace, Some((&status.to_string(), &status))),
             None => telemetry::end(&ctx.trace, None),
         }
-        let method = session.req_header().method.as_str().to_owned();
+        let method = method_label(&session.req_header().method);
         let class = status_class(status);
         let route = match std::mem::take(&mut ctx.limits.route) {
             r if r.is_empty() => "unmatched".to_owned(),
@@ -379,7 +395,7 @@ impl ProxyHttp for EdgeProxy {
         if let (Some(ms), Some(lease)) = (ctx.upstream_ms, &ctx.lease) {
             self.upstream_duration.record(
                 ms / 1000.0,
-                &[KeyValue::new("instance", lease.instance.addr.to_string()), KeyValue::new("status_class", class)],
+                &[KeyValue::new("instance", lease.instance.label.clone()), KeyValue::new("status_class", class)],
             );
         }
         if let Some(e) = error {
@@ -432,17 +448,17 @@ impl EdgeProxy {
 
     /// A slot among the client key's requests in flight; `Err(max)` when it has them all. Exempt clients and
     /// requests without a peer address take none.
-    fn client_slot(&self, session: &Session) -> std::result::Result<Option<ClientGuard>, u32> {
-        let Some(peer) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) else { return Ok(None) };
-        let active = self.limiter.active();
-        let client = &active.policy.client;
-        let chain = forwarded_chain(&session.req_header().headers);
-        let ip = edge::client::client_ip(peer, chain.as_deref(), &client.trusted_proxies);
+    fn client_slot(
+        &self,
+        active: &edge::limiter::Active,
+        client: Option<std::net::IpAddr>,
+    ) -> std::result::Result<Option<ClientGuard>, u32> {
+        let Some(ip) = client else { return Ok(None) };
         if active.policy.is_exempt(ip) {
             return Ok(None);
         }
         self.conns
-            .client_request(edge::client::ip_key(ip, client.ipv6_prefix))
+            .client_request(edge::client::ip_key(ip, active.policy.client.ipv6_prefix))
             .map(Some)
             .ok_or(self.limits.max_requests_per_client)
     }
@@ -566,6 +582,23 @@ pub fn flush_access_log() {
     }
 }
 
+/// The method as a metric label: the standard ones, else `_OTHER` (OpenTelemetry's semantic conventions; an
+/// open set of labels would let clients grow the metrics without bound).
+fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::PATCH => "PATCH",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    }
+}
+
 /// `2xx`, `4xx`, ...; `0` when nothing was answered.
 fn status_class(status: u16) -> &'static str {
     match status / 100 {
@@ -596,6 +629,10 @@ const HOP_BY_HOP: &[&str] =
     &["connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer", "upgrade"];
 
 fn strip_hop_by_hop(req: &mut RequestHeader) {
+    // Most requests carry none of them: one pass over the names instead of a removal per listed header.
+    if !req.headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+        return;
+    }
     let named: Vec<String> = req
         .headers
         .get_all("connection")
@@ -613,10 +650,13 @@ fn strip_hop_by_hop(req: &mut RequestHeader) {
 /// Every `X-Forwarded-For` line of a request, in order, as one comma-separated chain (a proxy may add a line of
 /// its own instead of appending to the client's). Bytes that are not UTF-8 are replaced, not fatal: the parser
 /// then refuses that hop only.
-pub fn forwarded_chain(headers: &http::HeaderMap) -> Option<String> {
-    let parts: Vec<String> =
-        headers.get_all("x-forwarded-for").iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
-    (!parts.is_empty()).then(|| parts.join(", "))
+pub fn forwarded_chain(headers: &http::HeaderMap) -> Option<Cow<'_, str>> {
+    let mut lines = headers.get_all("x-forwarded-for").iter();
+    let first = lines.next()?;
+    let Some(second) = lines.next() else { return Some(String::from_utf8_lossy(first.as_bytes())) };
+    let parts: Vec<Cow<'_, str>> =
+        [first, second].into_iter().chain(lines).map(|v| String::from_utf8_lossy(v.as_bytes())).collect();
+    Some(Cow::Owned(parts.join(", ")))
 }
 
 /// `X-Forwarded-For` for the upstream: the incoming chain with the client's address appended (as nginx's
@@ -636,9 +676,9 @@ fn is_valid_request_id(id: &str) -> bool {
 }
 
 fn new_traceparent() -> String {
-    let trace = uuid::Uuid::new_v4().simple().to_string();
-    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
-    format!("00-{trace}-{span}-01")
+    // Random ids from uuid's generator (its version bits do not matter here: W3C ids are any non-zero value).
+    let (trace, span) = (uuid::Uuid::new_v4().as_u128(), uuid::Uuid::new_v4().as_u64_pair().0);
+    format!("00-{trace:032x}-{span:016x}-01")
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use edge::limiter::{Limiter, RequestInfo, Verdict};
+use std::net::IpAddr;
+
+use edge::limiter::{Active, Limiter, RequestInfo, Verdict};
 use edge::limits::ZoneOutcome;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
@@ -31,7 +33,9 @@ pub struct Applied {
     pub route: String,
 }
 
-/// Runs the limiter for `session`. Returns `Ok(true)` when the request was answered (rejected) here.
+/// Runs the limiter for `session`, whose client (derived with `active`'s trusted proxies) is `client`. Returns
+/// `Ok(true)` when the request was answered (rejected) here.
+#[allow(clippy::too_many_arguments)]
 pub async fn apply(
     limiter: &Arc<Limiter>,
     metrics: &LimitMetrics,
@@ -39,28 +43,23 @@ pub async fn apply(
     request_id: &str,
     applied: &mut Applied,
     trace: &Context,
+    active: Arc<Active>,
+    client: Option<IpAddr>,
 ) -> Result<bool> {
-    let Some(peer) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) else {
-        return Ok(false);
-    };
-    applied.client = peer.to_string();
+    let Some(client) = client else { return Ok(false) };
+    applied.client = client.to_string();
     let verdict = {
         let req = session.req_header();
         let get = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let forwarded_for = crate::proxy::forwarded_chain(&req.headers);
-        let authorization = get("authorization");
         let info = RequestInfo {
             method: req.method.as_str(),
             path: req.uri.path(),
-            peer,
-            forwarded_for: forwarded_for.as_deref(),
-            authorization: authorization.as_deref(),
+            authorization: req.headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
             header: &get,
         };
-        limiter.check(&info)
+        limiter.check_client(active, &info, client)
     };
     let Some(verdict) = verdict else { return Ok(false) };
-    applied.client = verdict.client_ip.to_string();
     applied.route = verdict.active.policy.routes.get(verdict.route).map(|r| r.name.clone()).unwrap_or_default();
     record(metrics, &verdict);
     annotate(trace, &verdict);

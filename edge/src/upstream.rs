@@ -59,6 +59,8 @@ impl Default for HealthConfig {
 #[derive(Debug)]
 pub struct Instance {
     pub addr: SocketAddr,
+    /// `addr` as text, made once (a metric label of every request).
+    pub label: Arc<str>,
     /// As the active checks see it.
     healthy: AtomicBool,
     streak: AtomicU32,
@@ -74,6 +76,7 @@ impl Instance {
     fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
+            label: addr.to_string().into(),
             healthy: AtomicBool::new(false),
             streak: AtomicU32::new(0),
             fails: AtomicU32::new(0),
