@@ -454,7 +454,8 @@ impl EdgeProxy {
         client: Option<std::net::IpAddr>,
     ) -> std::result::Result<Option<ClientGuard>, u32> {
         let Some(ip) = client else { return Ok(None) };
-        if active.policy.is_exempt(ip) {
+        // 0: no limit, and nothing to count.
+        if self.limits.max_requests_per_client == 0 || active.policy.is_exempt(ip) {
             return Ok(None);
         }
         self.conns

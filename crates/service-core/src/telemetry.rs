@@ -113,6 +113,7 @@ pub fn init(service: &'static str) -> Result<Tracing, TelemetryError> {
     if !export_requested() {
         return Ok(Tracing { provider: None, runtime: None });
     }
+    SPANS.store(true, std::sync::atomic::Ordering::Relaxed);
     let runtime = if grpc_requested() {
         Some(
             tokio::runtime::Builder::new_multi_thread()
@@ -139,8 +140,14 @@ pub fn tracer(name: &'static str) -> opentelemetry::global::BoxedTracer {
     opentelemetry::global::tracer(name)
 }
 
+/// Whether [`init`] installed a tracer provider. Without one, [`start`] returns the parent context itself: the
+/// no-op tracer's span would carry the parent's span context anyway, and making it (a boxed span, a new context)
+/// cost every request a few allocations for nothing.
+static SPANS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Starts a span of `kind` under `parent` and returns the context holding it. Attributes are only built when the
-/// span is sampled: `attributes` is not called for the spans a ratio sampler drops.
+/// span is sampled: `attributes` is not called for the spans a ratio sampler drops. Without tracing (see
+/// [`init`]) the parent context is returned: an incoming context still passes on unchanged.
 pub fn start(
     tracer: &opentelemetry::global::BoxedTracer,
     name: impl Into<std::borrow::Cow<'static, str>>,
@@ -148,6 +155,9 @@ pub fn start(
     parent: &Context,
     attributes: impl FnOnce() -> Vec<KeyValue>,
 ) -> Context {
+    if !SPANS.load(std::sync::atomic::Ordering::Relaxed) {
+        return parent.clone();
+    }
     let mut span = tracer.span_builder(name).with_kind(kind).start_with_context(tracer, parent);
     if span.is_recording() {
         span.set_attributes(attributes());
@@ -382,6 +392,17 @@ mod tests {
             Err(_) if std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_err() => assert_eq!(name.as_deref(), Some("unit")),
             Err(_) => assert!(name.is_some_and(|n| !n.starts_with("unknown_service"))),
         }
+    }
+
+    #[test]
+    fn without_tracing_a_span_is_its_parent_context() {
+        // No test of this crate calls `init`, so no provider is installed.
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let cx = start(&tracer("unit"), "x", SpanKind::Server, &from_traceparent(Some(tp)), || {
+            panic!("attributes built without tracing")
+        });
+        assert_eq!(traceparent(&cx).as_deref(), Some(tp), "the incoming context passes on unchanged");
+        assert!(traceparent(&start(&tracer("unit"), "y", SpanKind::Server, &Context::new(), Vec::new)).is_none());
     }
 
     #[test]
