@@ -143,6 +143,9 @@ impl ProxyHttp for EdgeProxy {
             let chain = forwarded_chain(&session.req_header().headers);
             edge::client::client_ip(peer.ip(), chain.as_deref(), &active.policy.client.trusted_proxies)
         });
+        if let Some(ip) = client {
+            ctx.limits.client = ip.to_string();
+        }
         match self.client_slot(&active, client) {
             Ok(slot) => ctx._client_slot = slot,
             Err(max) => {

@@ -27,7 +27,7 @@ pub struct Applied {
     pub outcome: &'static str,
     pub delay_ms: u64,
     pub headers: Vec<(&'static str, String)>,
-    /// The client key's address (the peer, or the right-most untrusted `X-Forwarded-For` entry).
+    /// The client's address (the peer, or the right-most untrusted `X-Forwarded-For` entry), set by the proxy.
     pub client: String,
     /// The policy route that applied (metrics); empty when none did.
     pub route: String,
@@ -47,7 +47,6 @@ pub async fn apply(
     client: Option<IpAddr>,
 ) -> Result<bool> {
     let Some(client) = client else { return Ok(false) };
-    applied.client = client.to_string();
     let verdict = {
         let req = session.req_header();
         let get = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);

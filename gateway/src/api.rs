@@ -173,10 +173,11 @@ impl Api {
                 Ok(Claim::Owned { order_id: o, event_id: e }) => {
                     let mut guard = ClaimGuard::new(Arc::clone(store), &principal.subject, key);
                     if !self.readiness.is_ok("kafka") {
-                        guard.disarm();
+                        // Disarmed once released: dropped during the release, the guard still releases.
                         if let Err(e) = store.release(&principal.subject, key).await {
                             tracing::warn!(error = %e, "releasing an idempotency key failed");
                         }
+                        guard.disarm();
                         return broker_down();
                     }
                     (order_id, event_id) = (o, e);
@@ -213,14 +214,14 @@ impl Api {
         let reply = sync.then_some((self.replies.topic.as_str(), correlation_id.as_str()));
         if let Err(e) = self.publisher.publish(&command, cx, reply).await {
             tracing::warn!(error = %e, "publishing an order failed");
-            if let Some(g) = claim.as_mut() {
-                g.disarm();
-            }
             if let Some((store, key)) = &key
                 && let Err(e) = store.release(&principal.subject, key).await
             {
                 // The claim then stays until its lease ends; a retry then takes it over with the same ids.
                 tracing::warn!(error = %e, "releasing an idempotency key failed");
+            }
+            if let Some(g) = claim.as_mut() {
+                g.disarm();
             }
             return unavailable(
                 "broker-unavailable",

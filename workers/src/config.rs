@@ -86,6 +86,21 @@ impl KafkaConfig {
     pub fn client(&self) -> rdkafka::ClientConfig {
         service_core::config::kafka_client(&self.brokers, &self.properties)
     }
+
+    /// An idempotent producer's configuration: `defaults`, then the extra `properties` (which may change e.g.
+    /// `message.timeout.ms`), then what the jobs' guarantees rest on, which no property can turn off:
+    /// `enable.idempotence=true` and `acks=all`.
+    pub fn idempotent_producer(&self, defaults: &[(&str, &str)]) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        for (k, v) in defaults {
+            config.set(*k, *v);
+        }
+        for (k, v) in self.client().config_map() {
+            config.set(k, v);
+        }
+        config.set("enable.idempotence", "true").set("acks", "all");
+        config
+    }
 }
 
 /// How consecutive messages are grouped into one unit of work (one transaction for `persist`).

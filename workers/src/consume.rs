@@ -187,7 +187,8 @@ impl Source {
                 biased;
                 out = &mut work => return out,
                 _ = &mut stall, if !stalled => stalled = true,
-                m = self.consumer.recv(), if !full || self.paused => {
+                // Stalled, the consumer is polled even if pausing failed (the pause is retried each message).
+                m = self.consumer.recv(), if !full || self.paused || stalled => {
                     let m = m.map(|m| m.detach());
                     self.keep(m);
                 }

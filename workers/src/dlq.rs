@@ -10,6 +10,14 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 
+/// Drops a producer on a blocking thread (its drop joins librdkafka's polling thread), or here without a runtime.
+fn drop_off_runtime(p: FutureProducer) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(move || drop(p))),
+        Err(_) => drop(p),
+    }
+}
+
 #[derive(Clone)]
 pub struct DeadLetters {
     /// Replaced when it becomes unusable (see [`service_core::kafka::unusable`]).
@@ -20,8 +28,7 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     pub fn new(kafka: &KafkaConfig, topic: &str) -> Result<Self, KafkaError> {
-        let mut config = kafka.client();
-        config.set("enable.idempotence", "true").set("acks", "all").set("message.timeout.ms", "30000");
+        let config = kafka.idempotent_producer(&[("message.timeout.ms", "30000")]);
         let producer = Arc::new(RwLock::new(config.create()?));
         Ok(Self { producer, config, topic: topic.to_owned() })
     }
@@ -30,9 +37,18 @@ impl DeadLetters {
         self.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// Replaces `used` if it is unusable after `failed` (and nobody replaced it meanwhile).
-    fn renew_if_unusable(&self, used: &FutureProducer, failed: &KafkaError) {
-        let Some((code, reason)) = service_core::kafka::unusable(used.client(), Some(failed)) else { return };
+    /// Replaces `used` if it is unusable after `failed` (and nobody replaced it meanwhile). The replaced producer
+    /// is dropped off the runtime: dropping one joins its polling thread and may wait for the broker.
+    fn renew_if_unusable(&self, used: FutureProducer, failed: &KafkaError) {
+        let Some((code, reason)) = service_core::kafka::unusable(used.client(), Some(failed)) else {
+            drop_off_runtime(used);
+            return;
+        };
+        let current_ptr = self.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).client().native_ptr();
+        if !std::ptr::eq(current_ptr, used.client().native_ptr()) {
+            drop_off_runtime(used); // another task replaced it already
+            return;
+        }
         let fresh = match self.config.create::<FutureProducer>() {
             Ok(p) => p,
             Err(e) => {
@@ -40,12 +56,21 @@ impl DeadLetters {
                 return;
             }
         };
-        let mut current = self.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if std::ptr::eq(current.client().native_ptr(), used.client().native_ptr()) {
-            *current = fresh;
+        let replaced = {
+            let mut current = self.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if std::ptr::eq(current.client().native_ptr(), used.client().native_ptr()) {
+                Some(std::mem::replace(&mut *current, fresh))
+            } else {
+                drop_off_runtime(fresh);
+                None
+            }
+        };
+        if let Some(old) = replaced {
             tracing::error!(error = %code, reason, "the dead-letter producer is unusable; replaced it");
             service_core::kafka::producer_renewed();
+            drop_off_runtime(old);
         }
+        drop_off_runtime(used);
     }
 
     /// Publishes `msg` to the DLQ with `error` and its origin in headers; returns once the broker confirmed.
@@ -79,7 +104,7 @@ impl DeadLetters {
             }
             Err((e, _)) => {
                 service_core::metrics::message_sent(&self.topic, Some("delivery"));
-                self.renew_if_unusable(&producer, &e);
+                self.renew_if_unusable(producer, &e);
                 Err(e)
             }
         }

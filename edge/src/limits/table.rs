@@ -63,9 +63,17 @@ unsafe impl Send for Slab {}
 unsafe impl Sync for Slab {}
 
 impl Slab {
-    /// `regions` regions of `region_slots` slots each (a power of two); returns the slab and its regions.
-    pub fn new(regions: usize, region_slots: usize) -> (Self, Vec<Region>) {
-        assert!(region_slots.is_power_of_two(), "region size {region_slots} is not a power of two");
+    /// `regions` regions of `region_slots` slots each (a power of two, at least 2); returns the slab and its
+    /// regions.
+    ///
+    /// # Safety
+    /// The regions point into the slab's memory: none may be used after the slab is dropped (keep them together,
+    /// as [`super::zone::Zone`] does).
+    pub unsafe fn new(regions: usize, region_slots: usize) -> (Self, Vec<Region>) {
+        assert!(
+            region_slots.is_power_of_two() && region_slots >= 2,
+            "region size {region_slots} is not a power of two of at least 2"
+        );
         let total = regions * region_slots;
         let bytes = total * SLOT_BYTES;
         // Zeroed memory with the allocator's ordinary alignment: for a large table that is a fresh mapping the
@@ -170,7 +178,9 @@ impl Region {
         match self.find(key, hash) {
             Ok(i) => self.slots_mut()[i] = Slot::new(key, bucket),
             Err(i) => {
-                debug_assert!(self.len < self.max_len(), "region over its load limit");
+                // A full region would make `find` walk forever: the callers make room first, and this holds them
+                // to it (one comparison).
+                assert!(self.len < self.max_len(), "region over its load limit");
                 self.slots_mut()[i] = Slot::new(key, bucket);
                 self.len += 1;
             }
@@ -218,7 +228,8 @@ mod tests {
 
     #[test]
     fn colliding_keys_probe_past_each_other_and_survive_a_retain() {
-        let (_slab, mut regions) = Slab::new(2, 8);
+        // SAFETY: the regions are dropped before `_slab`, at the end of the test (reverse order of declaration).
+        let (_slab, mut regions) = unsafe { Slab::new(2, 8) };
         let r = &mut regions[1];
         // Every key hashes to slot 7: they wrap around the region's end.
         for k in 0..6u128 {

@@ -47,7 +47,8 @@ impl Zone {
     pub fn new(params: Params, max_keys: usize) -> Self {
         let share = max_keys.div_ceil(SHARDS).max(1);
         let region_slots = (share * 4).div_ceil(3).next_power_of_two().max(2);
-        let (slab, regions) = Slab::new(SHARDS, region_slots);
+        // SAFETY: the regions go into `shards`, a field of the same zone as `slab`: they are never used after it.
+        let (slab, regions) = unsafe { Slab::new(SHARDS, region_slots) };
         let per_shard = regions[0].max_len();
         let shards = regions.into_iter().map(|r| Shard(Mutex::new(r))).collect();
         Self { params, hasher: RandomState::default(), shards, per_shard, evictions: AtomicU64::new(0), slab }

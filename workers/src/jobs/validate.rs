@@ -51,19 +51,11 @@ struct Out<'a> {
 
 impl ValidateJob {
     /// The idempotent producer of verdicts (`acks=all`, so an acknowledged verdict survives a broker failover).
-    /// `kafka.properties` may change its settings (e.g. `message.timeout.ms`).
     fn producer(&self) -> Result<FutureProducer, KafkaError> {
-        let mut config = rdkafka::ClientConfig::new();
-        config
-            .set("client.id", format!("workers-{JOB}"))
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            .set("message.timeout.ms", "30000");
-        for (k, v) in self.kafka.client().config_map() {
-            config.set(k, v);
-        }
-        config.create()
+        let client_id = format!("workers-{JOB}");
+        self.kafka
+            .idempotent_producer(&[("client.id", &client_id), ("linger.ms", "2"), ("message.timeout.ms", "30000")])
+            .create()
     }
 
     /// Runs until `stop`; the batch in hand is finished or left for redelivery.
