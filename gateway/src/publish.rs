@@ -125,7 +125,7 @@ impl Publisher {
             let mut c = self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner);
             if c.generation != generation {
                 drop(c);
-                drop_off_runtime(fresh);
+                service_core::kafka::drop_off_runtime(fresh);
                 return;
             }
             c.generation += 1;
@@ -133,7 +133,7 @@ impl Publisher {
         };
         tracing::error!(error = %code, reason, "the Kafka producer is unusable; replaced it");
         service_core::kafka::producer_renewed();
-        drop_off_runtime(old);
+        service_core::kafka::drop_off_runtime(old);
     }
 
     fn generation(&self) -> u64 {
@@ -224,7 +224,7 @@ impl Publisher {
         };
         // This may be the last handle on a replaced producer: destroying it waits on librdkafka's threads.
         if self.generation() != generation {
-            drop_off_runtime(producer);
+            service_core::kafka::drop_off_runtime(producer);
         }
         result
     }
@@ -234,16 +234,5 @@ impl Publisher {
         if let Err(e) = self.producer().1.flush(timeout) {
             tracing::warn!(error = %e, "producer flush at shutdown incomplete");
         }
-    }
-}
-
-/// Drops a producer on a blocking thread when called on the runtime: librdkafka's destroy waits for its threads
-/// (seconds while the broker is unreachable), which must not stall a worker thread serving requests.
-fn drop_off_runtime(producer: FutureProducer<BrokerWatch>) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) => {
-            h.spawn_blocking(move || drop(producer));
-        }
-        Err(_) => drop(producer),
     }
 }

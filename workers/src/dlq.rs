@@ -10,14 +10,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 
-/// Drops a producer on a blocking thread (its drop joins librdkafka's polling thread), or here without a runtime.
-fn drop_off_runtime(p: FutureProducer) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) => drop(rt.spawn_blocking(move || drop(p))),
-        Err(_) => drop(p),
-    }
-}
-
 #[derive(Clone)]
 pub struct DeadLetters {
     /// Replaced when it becomes unusable (see [`service_core::kafka::unusable`]).
@@ -41,12 +33,12 @@ impl DeadLetters {
     /// is dropped off the runtime: dropping one joins its polling thread and may wait for the broker.
     fn renew_if_unusable(&self, used: FutureProducer, failed: &KafkaError) {
         let Some((code, reason)) = service_core::kafka::unusable(used.client(), Some(failed)) else {
-            drop_off_runtime(used);
+            service_core::kafka::drop_off_runtime(used);
             return;
         };
         let current_ptr = self.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).client().native_ptr();
         if !std::ptr::eq(current_ptr, used.client().native_ptr()) {
-            drop_off_runtime(used); // another task replaced it already
+            service_core::kafka::drop_off_runtime(used); // another task replaced it already
             return;
         }
         let fresh = match self.config.create::<FutureProducer>() {
@@ -61,16 +53,16 @@ impl DeadLetters {
             if std::ptr::eq(current.client().native_ptr(), used.client().native_ptr()) {
                 Some(std::mem::replace(&mut *current, fresh))
             } else {
-                drop_off_runtime(fresh);
+                service_core::kafka::drop_off_runtime(fresh);
                 None
             }
         };
         if let Some(old) = replaced {
             tracing::error!(error = %code, reason, "the dead-letter producer is unusable; replaced it");
             service_core::kafka::producer_renewed();
-            drop_off_runtime(old);
+            service_core::kafka::drop_off_runtime(old);
         }
-        drop_off_runtime(used);
+        service_core::kafka::drop_off_runtime(used);
     }
 
     /// Publishes `msg` to the DLQ with `error` and its origin in headers; returns once the broker confirmed.

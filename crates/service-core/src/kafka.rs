@@ -28,6 +28,15 @@ fn is_refusal(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// Drops `value` (a producer) on a blocking thread when called on a Tokio runtime: librdkafka's destroy joins its
+/// threads and waits for the broker (seconds while it is unreachable), which must not stall a worker thread.
+pub fn drop_off_runtime<T: Send + 'static>(value: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => drop(h.spawn_blocking(move || drop(value))),
+        Err(_) => drop(value),
+    }
+}
+
 /// `messaging_kafka_producer_renewals_total`: producers replaced because they were [`unusable`].
 pub fn producer_renewed() {
     static RENEWALS: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> = std::sync::OnceLock::new();

@@ -145,8 +145,7 @@ impl ValidateJob {
         match self.producer() {
             Ok(fresh) => {
                 let old = std::mem::replace(producer, fresh);
-                // Dropping a producer joins its polling thread: not on the runtime's threads.
-                tokio::task::spawn_blocking(move || drop(old));
+                service_core::kafka::drop_off_runtime(old);
                 tracing::error!(error = %code, reason, "the verdict producer is unusable; replaced it");
                 service_core::kafka::producer_renewed();
             }
