@@ -157,7 +157,9 @@ async fn an_unresponsive_broker_gives_fast_503s_and_loses_nothing_acknowledged()
     stack.tansu.stop()?;
     let gone_at = Instant::now();
     let unready_at = wait_kafka_unready(&http, &readyz).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Long enough for a request caught in flight by the stop to be answered (within the delivery timeout + 1 s)
+    // and its client to send more: with a 2 s wait, four clients all caught in flight sent nothing late.
+    tokio::time::sleep(Duration::from_millis(DELIVERY_TIMEOUT_MS + 2000)).await;
     stop.store(true, Ordering::Relaxed);
     let outcomes = collect(clients).await?;
     println!("gone: unready {:?} after the broker exited", unready_at.saturating_duration_since(gone_at));
