@@ -380,7 +380,7 @@ impl ProxyHttp for EdgeProxy {
             None if status >= 500 => telemetry::end(&ctx.trace, Some((&status.to_string(), &status))),
             None => telemetry::end(&ctx.trace, None),
         }
-        let method = method_label(&session.req_header().method);
+        let method = telemetry::known_method(&session.req_header().method).unwrap_or("_OTHER");
         let class = status_class(status);
         let route = match std::mem::take(&mut ctx.limits.route) {
             r if r.is_empty() => "unmatched".to_owned(),
@@ -583,23 +583,6 @@ pub fn flush_access_log() {
     let batch = std::mem::take(&mut *ACCESS_LOG.lock().unwrap_or_else(|e| e.into_inner()));
     if !batch.is_empty() {
         let _ = out.write_all(&batch).and_then(|()| out.flush());
-    }
-}
-
-/// The method as a metric label: the standard ones, else `_OTHER` (OpenTelemetry's semantic conventions; an
-/// open set of labels would let clients grow the metrics without bound).
-fn method_label(m: &http::Method) -> &'static str {
-    match *m {
-        http::Method::GET => "GET",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::DELETE => "DELETE",
-        http::Method::HEAD => "HEAD",
-        http::Method::OPTIONS => "OPTIONS",
-        http::Method::PATCH => "PATCH",
-        http::Method::CONNECT => "CONNECT",
-        http::Method::TRACE => "TRACE",
-        _ => "_OTHER",
     }
 }
 

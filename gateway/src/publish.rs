@@ -1,16 +1,17 @@
 //! Publishing order commands to Kafka. A command counts as accepted only once the broker acknowledged it
 //! (idempotent producer, `acks=all`), so an answer of `202` means the order is durably in the log.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use order_contract::{ORDER_CREATE, OrderCommand, SCHEMA_VERSION, headers};
+use rdkafka::ClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, ClientContext};
 use service_core::admin::Readiness;
+use service_core::kafka::Renewable;
 
 use opentelemetry::global::BoxedTracer;
 use service_core::telemetry::{self, Context, KeyValue, SpanKind, TraceContextExt as _};
@@ -62,18 +63,11 @@ impl ClientContext for BrokerWatch {
 /// The gateway's producer of order commands.
 #[derive(Clone)]
 pub struct Publisher {
-    current: Arc<RwLock<Current>>,
-    settings: ClientConfig,
+    producers: Arc<Renewable<BrokerWatch>>,
     readiness: Readiness,
     topic: String,
     timeout: Duration,
     tracer: Arc<BoxedTracer>,
-}
-
-/// The producer in use, and how many it replaced.
-struct Current {
-    generation: u64,
-    producer: FutureProducer<BrokerWatch>,
 }
 
 impl Publisher {
@@ -85,10 +79,13 @@ impl Publisher {
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", config.delivery_timeout_ms.to_string());
-        let producer = Self::create(&settings, &readiness)?;
+        let watch = readiness.clone();
+        let producers = Renewable::new("order command", move || {
+            settings.create_with_context(BrokerWatch { readiness: watch.clone() })
+        })
+        .map_err(PublishError::Create)?;
         Ok(Self {
-            current: Arc::new(RwLock::new(Current { generation: 0, producer })),
-            settings,
+            producers: Arc::new(producers),
             readiness,
             topic: config.commands_topic.clone(),
             timeout: Duration::from_millis(config.delivery_timeout_ms),
@@ -96,54 +93,10 @@ impl Publisher {
         })
     }
 
-    fn create(settings: &ClientConfig, readiness: &Readiness) -> Result<FutureProducer<BrokerWatch>, PublishError> {
-        settings.create_with_context(BrokerWatch { readiness: readiness.clone() }).map_err(PublishError::Create)
-    }
-
-    /// The producer in use and its generation.
-    fn producer(&self) -> (u64, FutureProducer<BrokerWatch>) {
-        let c = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        (c.generation, c.producer.clone())
-    }
-
-    /// Replaces the producer of `generation` if it is unusable (see [`service_core::kafka::unusable`]).
-    fn renew_if_broken(&self, generation: u64, producer: &FutureProducer<BrokerWatch>, failed: Option<&KafkaError>) {
-        let Some((code, reason)) = service_core::kafka::unusable(producer.client(), failed) else {
-            return;
-        };
-        if self.generation() != generation {
-            return; // another request replaced it already
-        }
-        let fresh = match Self::create(&self.settings, &self.readiness) {
-            Ok(fresh) => fresh,
-            Err(e) => {
-                tracing::error!(error = %e, "the Kafka producer is unusable and could not be replaced");
-                return;
-            }
-        };
-        let old = {
-            let mut c = self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if c.generation != generation {
-                drop(c);
-                service_core::kafka::drop_off_runtime(fresh);
-                return;
-            }
-            c.generation += 1;
-            std::mem::replace(&mut c.producer, fresh)
-        };
-        tracing::error!(error = %code, reason, "the Kafka producer is unusable; replaced it");
-        service_core::kafka::producer_renewed();
-        service_core::kafka::drop_off_runtime(old);
-    }
-
-    fn generation(&self) -> u64 {
-        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).generation
-    }
-
     /// Checks that the broker answers and knows the commands topic (readiness). Blocks: call off the runtime.
     pub fn probe(&self) -> Result<(), KafkaError> {
-        let (generation, producer) = self.producer();
-        self.renew_if_broken(generation, &producer, None);
+        let (generation, producer) = self.producers.get();
+        self.producers.renew_if_unusable(generation, &producer, None);
         if let Some((code, _)) = producer.client().fatal_error() {
             return Err(KafkaError::MetadataFetch(code));
         }
@@ -186,7 +139,7 @@ impl Publisher {
                 .insert(Header { key: headers::CORRELATION_ID, value: Some(correlation_id) });
         }
         let record = FutureRecord::to(&self.topic).key(&key).payload(&payload).headers(hdrs);
-        let (generation, producer) = self.producer();
+        let (generation, producer) = self.producers.get();
         // librdkafka can hold a message that was in flight when the broker went away past `message.timeout.ms`
         // (seen in CI: 9.4 s with a 3 s timeout, the broker stopped): the client gets its answer within the
         // delivery timeout regardless (the message may still be delivered, as after a timed-out delivery).
@@ -216,22 +169,20 @@ impl Publisher {
                 if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
                     self.readiness.set("kafka", false);
                 }
-                self.renew_if_broken(generation, &producer, Some(&e));
+                self.producers.renew_if_unusable(generation, &producer, Some(&e));
                 telemetry::end(&cx, Some(("delivery", &e)));
                 service_core::metrics::message_sent(&self.topic, Some("delivery"));
                 Err(PublishError::Delivery(e))
             }
         };
         // This may be the last handle on a replaced producer: destroying it waits on librdkafka's threads.
-        if self.generation() != generation {
-            service_core::kafka::drop_off_runtime(producer);
-        }
+        self.producers.release(generation, producer);
         result
     }
 
     /// Waits for queued messages to be delivered (shutdown). Blocks: call off the runtime.
     pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.producer().1.flush(timeout) {
+        if let Err(e) = self.producers.get().1.flush(timeout) {
             tracing::warn!(error = %e, "producer flush at shutdown incomplete");
         }
     }

@@ -29,7 +29,7 @@ impl Throttle {
     /// Limits `pids` and their descendants (present and future) to `cpu` of one CPU and, where the cgroup allows,
     /// `memory` bytes. `name` names the cgroup.
     pub fn apply(name: &str, pids: &[u32], cpu: f64, memory: Option<u64>) -> anyhow::Result<Self> {
-        let pids = with_descendants(pids);
+        let pids = testkit::with_descendants(pids);
         anyhow::ensure!(!pids.is_empty(), "no process to throttle");
         let period = 100_000u64;
         let limits = Limits { quota: ((cpu * period as f64) as u64).max(1000), period, memory };
@@ -202,31 +202,6 @@ fn signal_all(pids: &[u32], signal: i32) {
         // SAFETY: kill(2) on PIDs of processes this run started (and their children).
         unsafe { libc::kill(*pid as i32, signal) };
     }
-}
-
-/// `pids` and every process descended from them, from `/proc/*/stat`'s parent field.
-pub fn with_descendants(pids: &[u32]) -> Vec<u32> {
-    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
-            Some((pid, ppid))
-        })
-        .collect();
-    let mut all: Vec<u32> = pids.to_vec();
-    let mut i = 0;
-    while i < all.len() {
-        let parent = all[i];
-        all.extend(parents.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
-        i += 1;
-    }
-    all.sort_unstable();
-    all.dedup();
-    all
 }
 
 #[cfg(test)]

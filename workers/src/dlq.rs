@@ -1,68 +1,27 @@
 //! The dead-letter topic: where a message that no retry can fix goes, with its original key, payload and
 //! headers, plus why it failed and where it came from, so that an operator can inspect and replay it.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::KafkaConfig;
-use rdkafka::ClientConfig;
+use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::FutureRecord;
+use service_core::kafka::Renewable;
 
 #[derive(Clone)]
 pub struct DeadLetters {
-    /// Replaced when it becomes unusable (see [`service_core::kafka::unusable`]).
-    producer: Arc<RwLock<FutureProducer>>,
-    config: ClientConfig,
+    producers: Arc<Renewable<DefaultClientContext>>,
     topic: String,
 }
 
 impl DeadLetters {
     pub fn new(kafka: &KafkaConfig, topic: &str) -> Result<Self, KafkaError> {
         let config = kafka.idempotent_producer(&[("message.timeout.ms", "30000")]);
-        let producer = Arc::new(RwLock::new(config.create()?));
-        Ok(Self { producer, config, topic: topic.to_owned() })
-    }
-
-    fn producer(&self) -> FutureProducer {
-        self.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
-    }
-
-    /// Replaces `used` if it is unusable after `failed` (and nobody replaced it meanwhile). The replaced producer
-    /// is dropped off the runtime: dropping one joins its polling thread and may wait for the broker.
-    fn renew_if_unusable(&self, used: FutureProducer, failed: &KafkaError) {
-        let Some((code, reason)) = service_core::kafka::unusable(used.client(), Some(failed)) else {
-            service_core::kafka::drop_off_runtime(used);
-            return;
-        };
-        let current_ptr = self.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).client().native_ptr();
-        if !std::ptr::eq(current_ptr, used.client().native_ptr()) {
-            service_core::kafka::drop_off_runtime(used); // another task replaced it already
-            return;
-        }
-        let fresh = match self.config.create::<FutureProducer>() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, "the dead-letter producer is unusable and could not be replaced");
-                return;
-            }
-        };
-        let replaced = {
-            let mut current = self.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if std::ptr::eq(current.client().native_ptr(), used.client().native_ptr()) {
-                Some(std::mem::replace(&mut *current, fresh))
-            } else {
-                service_core::kafka::drop_off_runtime(fresh);
-                None
-            }
-        };
-        if let Some(old) = replaced {
-            tracing::error!(error = %code, reason, "the dead-letter producer is unusable; replaced it");
-            service_core::kafka::producer_renewed();
-            service_core::kafka::drop_off_runtime(old);
-        }
-        service_core::kafka::drop_off_runtime(used);
+        let producers = Renewable::new("dead-letter", move || config.create())?;
+        Ok(Self { producers: Arc::new(producers), topic: topic.to_owned() })
     }
 
     /// Publishes `msg` to the DLQ with `error` and its origin in headers; returns once the broker confirmed.
@@ -88,17 +47,19 @@ impl DeadLetters {
         if let Some(p) = msg.payload() {
             record = record.payload(p);
         }
-        let producer = self.producer();
-        match producer.send(record, Duration::from_secs(30)).await {
+        let (generation, producer) = self.producers.get();
+        let result = match producer.send(record, Duration::from_secs(30)).await {
             Ok(_) => {
                 service_core::metrics::message_sent(&self.topic, None);
                 Ok(())
             }
             Err((e, _)) => {
                 service_core::metrics::message_sent(&self.topic, Some("delivery"));
-                self.renew_if_unusable(producer, &e);
+                self.producers.renew_if_unusable(generation, &producer, Some(&e));
                 Err(e)
             }
-        }
+        };
+        self.producers.release(generation, producer);
+        result
     }
 }

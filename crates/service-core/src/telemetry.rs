@@ -200,7 +200,13 @@ pub fn http_server_span(
 }
 
 fn http_span_name(method: &http::Method) -> &'static str {
-    match method.as_str() {
+    known_method(method).unwrap_or("HTTP")
+}
+
+/// The method's name if it is one of HTTP's standard methods (the semantic conventions' known methods; others
+/// are `_OTHER` in attributes and labels, so that clients cannot grow their set without bound).
+pub fn known_method(method: &http::Method) -> Option<&'static str> {
+    Some(match method.as_str() {
         "GET" => "GET",
         "POST" => "POST",
         "PUT" => "PUT",
@@ -210,8 +216,8 @@ fn http_span_name(method: &http::Method) -> &'static str {
         "PATCH" => "PATCH",
         "CONNECT" => "CONNECT",
         "TRACE" => "TRACE",
-        _ => "HTTP",
-    }
+        _ => return None,
+    })
 }
 
 /// `network.protocol.version` of an HTTP version.

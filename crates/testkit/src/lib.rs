@@ -18,7 +18,7 @@ mod tansu;
 
 pub use nginx::Nginx;
 pub use postgres::{Postgres, Stored};
-pub use process::{Service, bin_path, cpu_seconds, tree_cpu_seconds};
+pub use process::{Service, bin_path, cpu_seconds, tree_cpu_seconds, with_descendants};
 pub use stack::{AUDIENCE, ISSUER, Stack, StackOptions, https_client_trusting, wait_admin_ready};
 pub use tansu::{ONE_RECORD_PER_BATCH, Tansu};
 

@@ -141,15 +141,33 @@ pub fn cpu_seconds(pid: Option<u32>) -> f64 {
     ticks / hz
 }
 
-/// [`cpu_seconds`] of `pid` and of its live children (PostgreSQL's backends are children of the postmaster).
+/// [`cpu_seconds`] of `pid` and of its live descendants (PostgreSQL's backends are children of the postmaster).
 pub fn tree_cpu_seconds(pid: Option<u32>) -> f64 {
     let Some(pid) = pid else { return 0.0 };
-    let children = std::fs::read_dir("/proc")
+    with_descendants(&[pid]).into_iter().map(|p| cpu_seconds(Some(p))).sum()
+}
+
+/// `pids` and every live process descended from them, from `/proc/*/stat`'s parent field.
+pub fn with_descendants(pids: &[u32]) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&p| stat_fields(p).and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(pid));
-    cpu_seconds(Some(pid)) + children.map(|c| cpu_seconds(Some(c))).sum::<f64>()
+        .filter_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let ppid = stat_fields(pid)?.get(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut all: Vec<u32> = pids.to_vec();
+    let mut i = 0;
+    while i < all.len() {
+        let parent = all[i];
+        all.extend(parents.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    all.sort_unstable();
+    all.dedup();
+    all
 }
 
 /// The fields of `/proc/{pid}/stat` after the command name (which may hold spaces): state, ppid, ...

@@ -12,10 +12,12 @@ use std::time::Duration;
 use opentelemetry::KeyValue;
 use opentelemetry::global::BoxedTracer;
 use order_contract::{OrderValidated, SCHEMA_VERSION, decode_command, headers};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::FutureRecord;
 use service_core::admin::Readiness;
+use service_core::kafka::Renewable;
 use service_core::telemetry::{self, Context, SpanKind, TraceContextExt as _};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -50,12 +52,16 @@ struct Out<'a> {
 }
 
 impl ValidateJob {
-    /// The idempotent producer of verdicts (`acks=all`, so an acknowledged verdict survives a broker failover).
-    fn producer(&self) -> Result<FutureProducer, KafkaError> {
+    /// The idempotent producer of verdicts (`acks=all`, so an acknowledged verdict survives a broker failover),
+    /// replaced when it becomes unusable.
+    fn producers(&self) -> Result<Renewable<DefaultClientContext>, KafkaError> {
         let client_id = format!("workers-{JOB}");
-        self.kafka
-            .idempotent_producer(&[("client.id", &client_id), ("linger.ms", "2"), ("message.timeout.ms", "30000")])
-            .create()
+        let config = self.kafka.idempotent_producer(&[
+            ("client.id", &client_id),
+            ("linger.ms", "2"),
+            ("message.timeout.ms", "30000"),
+        ]);
+        Renewable::new("verdict", move || config.create())
     }
 
     /// Runs until `stop`; the batch in hand is finished or left for redelivery.
@@ -63,13 +69,13 @@ impl ValidateJob {
         let mut source = Source::new(JOB, &self.kafka.commands_topic, &self.kafka, &self.batch)?;
         self.metrics.watch_lag(JOB, source.lag.clone());
         self.metrics.start(JOB, &["accepted", "rejected", "dead_lettered"], &["kafka"]);
-        let mut producer = self.producer()?;
+        let producers = self.producers()?;
         self.readiness.set("consumer", true);
         tracing::info!(topic = %self.kafka.commands_topic, "validate job consuming");
         let group = source.group.clone();
         while let Some(batch) = source.next_batch(&stop).await {
             self.metrics.batch(JOB, batch.len());
-            if !source.while_working(self.process(&mut producer, &batch, &group, &stop)).await {
+            if !source.while_working(self.process(&producers, &batch, &group, &stop)).await {
                 break;
             }
             source.done(&batch);
@@ -83,7 +89,7 @@ impl ValidateJob {
     /// Validates and publishes a batch; `false` when stopped before every verdict was acknowledged.
     async fn process(
         &self,
-        producer: &mut FutureProducer,
+        producers: &Renewable<DefaultClientContext>,
         batch: &[OwnedMessage],
         group: &str,
         stop: &CancellationToken,
@@ -122,7 +128,7 @@ impl ValidateJob {
             }
             out.push(self.out(&self.kafka.validated_topic, &cx, key, payload, correlation_id));
         }
-        let published = self.publish(producer, out, stop).await;
+        let published = self.publish(producers, out, stop).await;
         for cx in &spans {
             telemetry::end(
                 cx,
@@ -137,20 +143,6 @@ impl ValidateJob {
         self.metrics.outcome(JOB, "rejected", rejected);
         self.metrics.outcome(JOB, "dead_lettered", dead);
         true
-    }
-
-    /// Replaces an unusable producer (nothing is in flight on it: every delivery was awaited). If no new one
-    /// can be made, the old one stays and the next failure tries again.
-    fn renew(&self, producer: &mut FutureProducer, code: rdkafka::types::RDKafkaErrorCode, reason: &str) {
-        match self.producer() {
-            Ok(fresh) => {
-                let old = std::mem::replace(producer, fresh);
-                service_core::kafka::drop_off_runtime(old);
-                tracing::error!(error = %code, reason, "the verdict producer is unusable; replaced it");
-                service_core::kafka::producer_renewed();
-            }
-            Err(e) => tracing::error!(error = %e, "the verdict producer is unusable and could not be replaced"),
-        }
     }
 
     /// The verdict on one command and its encoding, or why the message can only be dead-lettered.
@@ -185,20 +177,20 @@ impl ValidateJob {
     }
 
     /// Publishes every record, retrying the failed ones with backoff until all are acknowledged or `stop`. A
-    /// producer that became unusable (fenced by the broker, a fatal error) is replaced before the retry: it would
-    /// fail every later record.
+    /// producer that became unusable (fenced by the broker, a fatal error) is replaced, so that the retry goes out
+    /// on a new one: the old one would fail every later record.
     async fn publish(
         &self,
-        producer: &mut FutureProducer,
+        producers: &Renewable<DefaultClientContext>,
         mut pending: Vec<Out<'_>>,
         stop: &CancellationToken,
     ) -> bool {
         let mut backoff = Backoff::new();
         let version = SCHEMA_VERSION.to_string();
         loop {
+            let (generation, producer) = producers.get();
             let mut inflight = Vec::with_capacity(pending.len());
             let mut failed = Vec::new();
-            let mut unusable = None;
             for out in pending {
                 let headers = OwnedHeaders::new_with_capacity(4)
                     .insert(Header { key: headers::EVENT_TYPE, value: Some(order_contract::ORDER_VALIDATED) })
@@ -216,7 +208,7 @@ impl ValidateJob {
                     Ok(delivery) => inflight.push((delivery, out)),
                     Err((e, _)) => {
                         tracing::debug!(error = %e, "enqueueing a verdict failed");
-                        unusable = unusable.or_else(|| service_core::kafka::unusable(producer.client(), Some(&e)));
+                        producers.renew_if_unusable(generation, &producer, Some(&e));
                         failed.push(out);
                     }
                 }
@@ -237,18 +229,16 @@ impl ValidateJob {
                     }
                     Ok(Err((e, _))) => {
                         tracing::warn!(error = %e, topic = %out.topic, "publishing a verdict failed; retrying");
-                        unusable = unusable.or_else(|| service_core::kafka::unusable(producer.client(), Some(&e)));
+                        producers.renew_if_unusable(generation, &producer, Some(&e));
                         service_core::metrics::message_sent(out.topic, Some("delivery"));
                         failed.push(out);
                     }
                     Err(_) => failed.push(out), // the producer was dropped: cannot happen while we hold it
                 }
             }
+            producers.release(generation, producer);
             if failed.is_empty() {
                 return true;
-            }
-            if let Some((code, reason)) = unusable {
-                self.renew(producer, code, &reason);
             }
             self.metrics.retry(JOB, "kafka");
             if !backoff.wait(stop).await {
