@@ -18,6 +18,8 @@ use crate::policy::{KeySource, Policy, ZoneSpec};
 pub struct Active {
     pub policy: Policy,
     pub zones: Vec<Arc<Zone>>,
+    /// Each route's `RateLimit-Policy` header (see [`Policy::rate_limit_policy`]), made once per policy.
+    pub rate_limit_policy: Vec<Option<http::HeaderValue>>,
 }
 
 /// What the limiter needs to know about a request (besides who sent it).
@@ -125,7 +127,12 @@ fn build(policy: Policy, previous: Option<&Active>) -> Active {
         .iter()
         .map(|spec| reuse(spec, previous).unwrap_or_else(|| Arc::new(Zone::new(spec.params, spec.max_keys))))
         .collect();
-    Active { policy, zones }
+    let rate_limit_policy = policy
+        .routes
+        .iter()
+        .map(|route| policy.rate_limit_policy(route).and_then(|text| http::HeaderValue::try_from(text).ok()))
+        .collect();
+    Active { policy, zones, rate_limit_policy }
 }
 
 fn reuse(spec: &ZoneSpec, previous: Option<&Active>) -> Option<Arc<Zone>> {

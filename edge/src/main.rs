@@ -4,6 +4,7 @@
 //! `shutdown.grace_period_secs`, then give in-flight requests up to `shutdown.timeout_secs`); SIGQUIT hands the
 //! listening sockets to a new edge process started with `--upgrade` (Pingora's zero-downtime upgrade).
 
+mod access_log;
 mod admin;
 mod config;
 mod connections;
@@ -89,7 +90,7 @@ impl pingora::services::background::BackgroundService for AccessLogFlush {
         let mut every = tokio::time::interval(Duration::from_millis(100));
         loop {
             every.tick().await;
-            proxy::flush_access_log();
+            access_log::flush();
         }
     }
 }
@@ -342,7 +343,7 @@ fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %config.listen, admin = %config.admin_listen, upstream = ?config.upstream.server_list(),
         cert = %cert.display(), sha256 = %certs.current().fingerprint, "edge starting");
     server.run(RunArgs { shutdown_signal: Box::new(Signals) });
-    proxy::flush_access_log();
+    access_log::flush();
     tracing.shutdown();
     tracing::info!("edge stopped");
     Ok(())

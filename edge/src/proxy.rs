@@ -5,16 +5,18 @@
 //! `response_filter` echoes the request id and the rate-limit headers, `logging` records the metrics.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use edge::limiter::Limiter;
 use edge::upstream::{Lease, Pool};
+use http::HeaderValue;
 use opentelemetry::KeyValue;
 use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::{Counter, Histogram};
+use opentelemetry::trace::TraceId;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
 use pingora::proxy::FailToProxy;
@@ -27,11 +29,15 @@ use crate::connections::{ClientGuard, Connections, RequestGuard};
 use crate::ratelimit::{self, Applied, LimitMetrics};
 
 pub const REQUEST_ID: &str = "x-request-id";
+/// Header names looked up on every request, made once (a name given as text is parsed at each lookup).
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static(REQUEST_ID);
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 
 /// What the edge remembers about one request.
 pub struct RequestCtx {
     started: Instant,
-    request_id: String,
+    /// The client's `X-Request-Id` when it is short and plain, else a new one; empty until `request_filter`.
+    request_id: HeaderValue,
     limits: Applied,
     /// The request's SERVER span (a no-op span carrying the incoming context when tracing is off).
     trace: Context,
@@ -43,7 +49,7 @@ pub struct RequestCtx {
     upstream_started: Option<Instant>,
     upstream_ms: Option<f64>,
     /// The trace id sent upstream in `traceparent`.
-    trace_id: Option<String>,
+    trace_id: Option<TraceId>,
     /// The body limit of the request's path, and the body bytes seen so far.
     body_limit: u64,
     body_seen: u64,
@@ -55,6 +61,13 @@ pub struct RequestCtx {
     client_stalled: bool,
     /// When the last chunk of the request body came.
     last_body_at: Option<Instant>,
+}
+
+impl RequestCtx {
+    /// The request id as text (ASCII by construction; empty before `request_filter`).
+    fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or_default()
+    }
 }
 
 /// Timeouts of the connections to the gateway instances.
@@ -88,7 +101,7 @@ impl ProxyHttp for EdgeProxy {
     fn new_ctx(&self) -> Self::CTX {
         RequestCtx {
             started: Instant::now(),
-            request_id: String::new(),
+            request_id: HeaderValue::from_static(""),
             limits: Applied::default(),
             trace: Context::new(),
             lease: None,
@@ -118,11 +131,14 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        ctx.request_id = header(session.req_header(), REQUEST_ID)
-            .filter(|id| is_valid_request_id(id))
-            .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        ctx.trace = self.server_span(session, &ctx.request_id);
+        ctx.request_id = session
+            .req_header()
+            .headers
+            .get(X_REQUEST_ID)
+            .filter(|id| id.to_str().is_ok_and(is_valid_request_id))
+            .cloned()
+            .unwrap_or_else(new_request_id);
+        ctx.trace = self.server_span(session, ctx.request_id());
         // A head or a declared body over the limits is refused before anything else (no bucket is charged for
         // it); a body sent without a length is counted in `request_body_filter`.
         if let Some(problem) = self.head_over_limits(session) {
@@ -130,7 +146,12 @@ impl ProxyHttp for EdgeProxy {
             return Ok(true);
         }
         ctx.body_limit = self.limits.for_path(session.req_header().uri.path());
-        let declared = header(session.req_header(), "content-length").and_then(|v| v.parse::<u64>().ok());
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > ctx.body_limit) {
             let problem = Problem::new("payload-too-large", 413, "Content Too Large")
                 .with_detail(format!("the request body exceeds {} bytes", ctx.body_limit));
@@ -143,24 +164,23 @@ impl ProxyHttp for EdgeProxy {
             let chain = forwarded_chain(&session.req_header().headers);
             edge::client::client_ip(peer.ip(), chain.as_deref(), &active.policy.client.trusted_proxies)
         });
-        if let Some(ip) = client {
-            ctx.limits.client = ip.to_string();
-        }
+        ctx.limits.client = client;
         match self.client_slot(&active, client) {
             Ok(slot) => ctx._client_slot = slot,
             Err(max) => {
                 let problem = Problem::new("too-many-requests-in-flight", 429, "Too Many Requests")
                     .with_detail(format!("this client already has {max} requests in flight, the most allowed"));
-                self.refuse(session, ctx, problem, &[("retry-after", "1".to_owned())]).await;
+                self.refuse(session, ctx, problem, &[("retry-after", HeaderValue::from_static("1"))]).await;
                 return Ok(true);
             }
         }
         let trace = ctx.trace.clone();
+        let request_id = ctx.request_id.clone();
         ratelimit::apply(
             &self.limiter,
             &self.limit_metrics,
             session,
-            &ctx.request_id,
+            request_id.to_str().unwrap_or_default(),
             &mut ctx.limits,
             &trace,
             active,
@@ -283,27 +303,30 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         strip_hop_by_hop(upstream);
-        // HTTP/2 clients send :authority instead of Host; either names the host the client asked for.
-        let host =
-            header(upstream, "host").map(str::to_owned).or_else(|| upstream.uri.authority().map(|a| a.to_string()));
+        // HTTP/2 clients send :authority instead of Host; either names the host the client asked for. The
+        // values are shared (reference-counted), not copied, wherever they can be.
+        let host = upstream
+            .headers
+            .get(http::header::HOST)
+            .cloned()
+            .or_else(|| upstream.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         if let Some(host) = host {
             upstream.insert_header("x-forwarded-host", host)?;
         }
-        let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string());
+        let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let chain = forwarded_chain(&upstream.headers);
-        let forwarded_for = forwarded_for(chain.as_deref(), client_ip.as_deref());
-        if let Some(v) = forwarded_for {
+        if let Some(v) = forwarded_for(chain.as_deref(), client_ip) {
             upstream.insert_header("x-forwarded-for", v)?;
         }
-        upstream.insert_header("x-forwarded-proto", "https")?;
+        upstream.insert_header("x-forwarded-proto", HeaderValue::from_static("https"))?;
 
-        upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        upstream.insert_header(REQUEST_ID, ctx.request_id.clone())?;
 
         // The gateway's span is a child of ours; without tracing, a valid incoming context passes unchanged, and
         // a request without one still gets a fresh trace id to correlate logs.
         let traceparent = telemetry::traceparent(&ctx.trace).unwrap_or_else(new_traceparent);
         // `00-{trace id}-{span id}-{flags}`: the access log names the trace the upstream continues.
-        ctx.trace_id = traceparent.get(3..35).map(str::to_owned);
+        ctx.trace_id = traceparent.get(3..35).and_then(|hex| TraceId::from_hex(hex).ok());
         upstream.insert_header("traceparent", traceparent)?;
         Ok(())
     }
@@ -314,11 +337,12 @@ impl ProxyHttp for EdgeProxy {
         response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        let headers = std::mem::take(&mut ctx.limits.headers);
         if !ctx.request_id.is_empty() {
-            response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+            response.insert_header(REQUEST_ID, ctx.request_id.clone())?;
         }
-        for (name, value) in &ctx.limits.headers {
-            response.insert_header(*name, value.as_str())?;
+        for (name, value) in headers {
+            response.insert_header(name, value)?;
         }
         Ok(())
     }
@@ -360,9 +384,9 @@ impl ProxyHttp for EdgeProxy {
         // Once a response header went out, a problem body would be spliced into that response.
         if status > 0 && session.response_written().is_none() {
             let problem = Problem::new(slug, status, title);
-            let extra: Vec<(&'static str, String)> =
-                if status == 503 { vec![("retry-after", "1".to_owned())] } else { Vec::new() };
-            if let Err(write_error) = crate::respond::problem(session, &problem, &ctx.request_id, &extra).await {
+            let retry: &[(&'static str, HeaderValue)] =
+                if status == 503 { &[("retry-after", HeaderValue::from_static("1"))] } else { &[] };
+            if let Err(write_error) = crate::respond::problem(session, &problem, ctx.request_id(), retry).await {
                 tracing::debug!(error = %write_error, "could not send the error response");
             }
         }
@@ -382,9 +406,9 @@ impl ProxyHttp for EdgeProxy {
         }
         let method = telemetry::known_method(&session.req_header().method).unwrap_or("_OTHER");
         let class = status_class(status);
-        let route = match std::mem::take(&mut ctx.limits.route) {
-            r if r.is_empty() => "unmatched".to_owned(),
-            r => r,
+        let route = match ctx.limits.route.take() {
+            Some(r) => opentelemetry::Value::from(r),
+            None => opentelemetry::Value::from("unmatched"),
         };
         self.duration.record(
             ctx.started.elapsed().as_secs_f64(),
@@ -402,13 +426,18 @@ impl ProxyHttp for EdgeProxy {
             );
         }
         if let Some(e) = error {
-            tracing::warn!(request_id = %ctx.request_id, status, error = %e, "request failed");
+            tracing::warn!(request_id = ctx.request_id(), status, error = %e, "request failed");
         }
         if self.access_log {
             access_log(session, status, ctx);
         }
-        tracing::debug!(request_id = %ctx.request_id, status, rate_limit = ctx.limits.outcome,
-            delay_ms = ctx.limits.delay_ms, "request done");
+        tracing::debug!(
+            request_id = ctx.request_id(),
+            status,
+            rate_limit = ctx.limits.outcome,
+            delay_ms = ctx.limits.delay_ms,
+            "request done"
+        );
     }
 }
 
@@ -419,10 +448,10 @@ impl EdgeProxy {
         session: &mut Session,
         ctx: &RequestCtx,
         problem: Problem,
-        extra: &[(&'static str, String)],
+        extra: &[(&'static str, HeaderValue)],
     ) {
         session.set_keepalive(None);
-        if let Err(e) = crate::respond::problem(session, &problem, &ctx.request_id, extra).await {
+        if let Err(e) = crate::respond::problem(session, &problem, ctx.request_id(), extra).await {
             tracing::debug!(error = %e, status = problem.status, "could not send the refusal");
         }
     }
@@ -489,63 +518,34 @@ impl EdgeProxy {
     }
 }
 
-/// One access log line (field order is the line's).
-#[derive(serde::Serialize)]
-struct AccessLine<'a> {
-    time: String,
-    log: &'static str,
-    client: &'a str,
-    method: &'a str,
-    path: &'a str,
-    protocol: &'static str,
-    status: u16,
-    bytes: usize,
-    upstream: Option<SocketAddr>,
-    upstream_ms: Option<f64>,
-    total_ms: f64,
-    tries: usize,
-    rate_limit: Option<&'static str>,
-    rate_limit_delay_ms: u64,
-    request_id: &'a str,
-    trace_id: Option<String>,
-    user_agent: Option<&'a str>,
-}
-
-/// Writes the request's access log line: one JSON object on stdout (what a log collector in Kubernetes reads),
-/// through [`access_sink`].
+/// The request's access log line (see [`crate::access_log`]).
 fn access_log(session: &Session, status: u16, ctx: &RequestCtx) {
     let req = session.req_header();
     // The trace the upstream continued, else the client's (a request answered at the edge).
-    let trace_id = ctx.trace_id.clone().or_else(|| {
-        let sc = ctx.trace.span().span_context().clone();
-        sc.is_valid().then(|| sc.trace_id().to_string())
+    let trace_id = ctx.trace_id.or_else(|| {
+        let span = ctx.trace.span();
+        let sc = span.span_context();
+        sc.is_valid().then(|| sc.trace_id())
     });
-    let line = AccessLine {
-        time: time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default(),
-        log: "access",
-        client: &ctx.limits.client,
+    let line = crate::access_log::Line {
+        client: ctx.limits.client,
         method: req.method.as_str(),
         path: req.uri.path(),
         protocol: protocol(req.version),
         status,
         bytes: session.body_bytes_sent(),
         upstream: ctx.lease.as_ref().map(|l| l.instance.addr),
-        upstream_ms: ctx.upstream_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
-        total_ms: (ctx.started.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
+        upstream_ms: ctx.upstream_ms,
+        total_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
         tries: ctx.tried.len() + usize::from(ctx.lease.is_some()),
         rate_limit: if ctx.limits.outcome.is_empty() { None } else { Some(ctx.limits.outcome) },
         rate_limit_delay_ms: ctx.limits.delay_ms,
-        request_id: &ctx.request_id,
+        request_id: ctx.request_id(),
         trace_id,
-        user_agent: header(req, "user-agent"),
+        user_agent: req.headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()),
     };
-    let mut text = Vec::with_capacity(512);
-    if serde_json::to_writer(&mut text, &line).is_ok() {
-        text.push(b'\n');
-        access_sink(text);
-    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    crate::access_log::record(&line, now);
 }
 
 fn protocol(v: http::Version) -> &'static str {
@@ -555,34 +555,6 @@ fn protocol(v: http::Version) -> &'static str {
         http::Version::HTTP_2 => "HTTP/2.0",
         http::Version::HTTP_3 => "HTTP/3.0",
         _ => "HTTP/1.1",
-    }
-}
-
-/// The access log's buffer: lines are written to stdout when 32 KiB have gathered, by [`flush_access_log`]
-/// (every 100 ms from a timer), and when the server has stopped. A `write` per line cost the proxy thread about
-/// 15 µs per request under load; handing lines to a writer thread cost as much in wake-ups.
-static ACCESS_LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
-const ACCESS_LOG_BATCH: usize = 32 * 1024;
-
-fn access_sink(line: Vec<u8>) {
-    let full = {
-        let mut buf = ACCESS_LOG.lock().unwrap_or_else(|e| e.into_inner());
-        buf.extend_from_slice(&line);
-        buf.len() >= ACCESS_LOG_BATCH
-    };
-    if full {
-        flush_access_log();
-    }
-}
-
-/// Writes what the access log holds. The buffer is taken while stdout is held, so batches are written in the
-/// order their lines came (lock order: stdout, then the buffer; `access_sink` never holds both).
-pub fn flush_access_log() {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    let batch = std::mem::take(&mut *ACCESS_LOG.lock().unwrap_or_else(|e| e.into_inner()));
-    if !batch.is_empty() {
-        let _ = out.write_all(&batch).and_then(|()| out.flush());
     }
 }
 
@@ -638,7 +610,7 @@ fn strip_hop_by_hop(req: &mut RequestHeader) {
 /// its own instead of appending to the client's). Bytes that are not UTF-8 are replaced, not fatal: the parser
 /// then refuses that hop only.
 pub fn forwarded_chain(headers: &http::HeaderMap) -> Option<Cow<'_, str>> {
-    let mut lines = headers.get_all("x-forwarded-for").iter();
+    let mut lines = headers.get_all(X_FORWARDED_FOR).iter();
     let first = lines.next()?;
     let Some(second) = lines.next() else { return Some(String::from_utf8_lossy(first.as_bytes())) };
     let parts: Vec<Cow<'_, str>> =
@@ -647,19 +619,36 @@ pub fn forwarded_chain(headers: &http::HeaderMap) -> Option<Cow<'_, str>> {
 }
 
 /// `X-Forwarded-For` for the upstream: the incoming chain with the client's address appended (as nginx's
-/// `$proxy_add_x_forwarded_for`).
-fn forwarded_for(incoming: Option<&str>, client_ip: Option<&str>) -> Option<String> {
-    match (incoming.map(str::trim).filter(|s| !s.is_empty()), client_ip) {
-        (Some(chain), Some(ip)) => Some(format!("{chain}, {ip}")),
-        (None, Some(ip)) => Some(ip.to_owned()),
-        (Some(chain), None) => Some(chain.to_owned()),
-        (None, None) => None,
+/// `$proxy_add_x_forwarded_for`). `None` when there is neither, or the chain is not a valid header value.
+fn forwarded_for(incoming: Option<&str>, client_ip: Option<IpAddr>) -> Option<HeaderValue> {
+    let chain = incoming.map(str::trim).filter(|s| !s.is_empty());
+    if chain.is_none() && client_ip.is_none() {
+        return None;
     }
+    let mut text = Vec::with_capacity(chain.map_or(0, str::len) + 48);
+    if let Some(chain) = chain {
+        text.extend_from_slice(chain.as_bytes());
+    }
+    if let Some(ip) = client_ip {
+        if !text.is_empty() {
+            text.extend_from_slice(b", ");
+        }
+        crate::access_log::write_ip(&mut text, ip);
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
 }
 
 /// A client's request id is kept only if it is short and plain (it ends up in logs and headers).
 fn is_valid_request_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// A new request id: a random UUID (36 bytes, hyphenated), written without an intermediate string.
+fn new_request_id() -> HeaderValue {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    // Hex digits and hyphens: always a valid header value.
+    HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 fn new_traceparent() -> String {
@@ -674,9 +663,15 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends_the_client() {
-        assert_eq!(forwarded_for(None, Some("1.2.3.4")).as_deref(), Some("1.2.3.4"));
-        assert_eq!(forwarded_for(Some("9.9.9.9"), Some("1.2.3.4")).as_deref(), Some("9.9.9.9, 1.2.3.4"));
-        assert_eq!(forwarded_for(Some("  "), Some("1.2.3.4")).as_deref(), Some("1.2.3.4"));
+        let ip: IpAddr = "1.2.3.4".parse().expect("ip");
+        let v6: IpAddr = "2001:db8::1".parse().expect("ip");
+        let text = |v: Option<HeaderValue>| v.map(|v| v.to_str().expect("ascii").to_owned());
+        assert_eq!(text(forwarded_for(None, Some(ip))).as_deref(), Some("1.2.3.4"));
+        assert_eq!(text(forwarded_for(Some("9.9.9.9"), Some(ip))).as_deref(), Some("9.9.9.9, 1.2.3.4"));
+        assert_eq!(text(forwarded_for(Some("  "), Some(ip))).as_deref(), Some("1.2.3.4"));
+        assert_eq!(text(forwarded_for(Some("9.9.9.9"), Some(v6))).as_deref(), Some("9.9.9.9, 2001:db8::1"));
+        assert_eq!(text(forwarded_for(Some("9.9.9.9"), None)).as_deref(), Some("9.9.9.9"));
+        assert_eq!(forwarded_for(None, None), None);
     }
 
     #[test]
@@ -712,6 +707,10 @@ mod tests {
         assert!(!is_valid_request_id(""));
         assert!(!is_valid_request_id("a b"));
         assert!(!is_valid_request_id(&"a".repeat(129)));
+        let (a, b) = (new_request_id(), new_request_id());
+        let text = a.to_str().expect("ascii");
+        assert!(is_valid_request_id(text) && text.len() == 36 && uuid::Uuid::parse_str(text).is_ok(), "{text}");
+        assert_ne!(a, b);
     }
 
     #[test]

@@ -1,18 +1,20 @@
 //! The rate-limit phase of a request: ask the limiter, record the decision, then reject (problem+json with
 //! `Retry-After` and the IETF `RateLimit` headers), delay (a timer, no thread held), or let the request through.
 
+use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::net::IpAddr;
-
 use edge::limiter::{Active, Limiter, RequestInfo, Verdict};
 use edge::limits::ZoneOutcome;
+use http::HeaderValue;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use pingora::prelude::{Result, Session};
 use service_core::problem::Problem;
 use service_core::telemetry::{Context, TraceContextExt as _};
+use smallvec::SmallVec;
 
 /// Rate-limit metrics, per zone.
 pub struct LimitMetrics {
@@ -26,11 +28,12 @@ pub struct Applied {
     /// `immediate`, `delayed`, `rejected`, ... of the most significant zone; empty when no route applied.
     pub outcome: &'static str,
     pub delay_ms: u64,
-    pub headers: Vec<(&'static str, String)>,
+    /// `RateLimit-Policy` and `RateLimit`, for the response.
+    pub headers: SmallVec<[(&'static str, HeaderValue); 2]>,
     /// The client's address (the peer, or the right-most untrusted `X-Forwarded-For` entry), set by the proxy.
-    pub client: String,
-    /// The policy route that applied (metrics); empty when none did.
-    pub route: String,
+    pub client: Option<IpAddr>,
+    /// The policy route that applied (metrics); `None` when none did.
+    pub route: Option<Arc<str>>,
 }
 
 /// Runs the limiter for `session`, whose client (derived with `active`'s trusted proxies) is `client`. Returns
@@ -59,7 +62,7 @@ pub async fn apply(
         limiter.check_client(active, &info, client)
     };
     let Some(verdict) = verdict else { return Ok(false) };
-    applied.route = verdict.active.policy.routes.get(verdict.route).map(|r| r.name.clone()).unwrap_or_default();
+    applied.route = verdict.active.policy.routes.get(verdict.route).map(|r| r.name.clone());
     record(metrics, &verdict);
     annotate(trace, &verdict);
     applied.headers = rate_limit_headers(&verdict);
@@ -81,9 +84,9 @@ pub async fn apply(
             .unwrap_or("Too Many Requests");
         let problem = Problem::new("rate-limited", spec.status, title)
             .with_detail(format!("zone {} allows {} with a burst of {}", spec.name, spec.rate_text, spec.burst))
-            .with("zone", serde_json::json!(spec.name));
-        let mut headers = applied.headers.clone();
-        headers.push(("retry-after", retry_secs.to_string()));
+            .with("zone", serde_json::json!(&*spec.name));
+        let mut headers: Vec<_> = applied.headers.to_vec();
+        headers.push(("retry-after", HeaderValue::from(retry_secs)));
         crate::respond::problem(session, &problem, request_id, &headers).await?;
         return Ok(true);
     }
@@ -105,10 +108,10 @@ fn record(metrics: &LimitMetrics, verdict: &Verdict) {
         if matches!(outcome, ZoneOutcome::Skipped) {
             continue;
         }
-        let zone = verdict.active.policy.zones[verdict.zones[pos]].name.clone();
+        let zone = &verdict.active.policy.zones[verdict.zones[pos]].name;
         metrics.decisions.add(1, &[KeyValue::new("zone", zone.clone()), KeyValue::new("outcome", outcome.label())]);
         if let ZoneOutcome::Delayed { ms } | ZoneOutcome::DryRunDelayed { ms } = outcome {
-            metrics.delay.record(*ms as f64 / 1000.0, &[KeyValue::new("zone", zone)]);
+            metrics.delay.record(*ms as f64 / 1000.0, &[KeyValue::new("zone", zone.clone())]);
         }
     }
 }
@@ -158,34 +161,35 @@ fn summary(verdict: &Verdict) -> &'static str {
         .map_or("immediate", ZoneOutcome::label)
 }
 
-/// `RateLimit-Policy` (every zone of the route) and `RateLimit` (the zone with the least room left), as in the
-/// IETF httpapi draft: a zone of rate r and burst b allows q = b + 1 requests in a window of w = q / r seconds.
-fn rate_limit_headers(verdict: &Verdict) -> Vec<(&'static str, String)> {
-    let mut policies = Vec::new();
-    let mut tightest: Option<(u64, String, u64)> = None;
+/// `RateLimit-Policy` (every zone of the route, made once per policy: [`edge::policy::Policy::rate_limit_policy`])
+/// and `RateLimit` (the zone with the least room left), as in the IETF httpapi draft.
+fn rate_limit_headers(verdict: &Verdict) -> SmallVec<[(&'static str, HeaderValue); 2]> {
+    let active = &verdict.active;
+    let mut tightest: Option<(u64, &str, u64)> = None;
     for (pos, &zi) in verdict.zones.iter().enumerate() {
-        let spec = &verdict.active.policy.zones[zi];
+        let spec = &active.policy.zones[zi];
         if spec.dry_run {
             continue;
         }
-        let quota = spec.burst + 1;
-        let window = (quota * 1_000_000).div_ceil(spec.params.rate * 1000).max(1);
-        policies.push(format!("\"{}\";q={quota};w={window}", spec.name));
         let excess = verdict.decision.excess.get(pos).copied().flatten();
         let (remaining, reset) = match excess {
             Some(e) => (spec.params.burst.saturating_sub(e) / 1000, (e * 1000).div_ceil(spec.params.rate * 1000)),
-            None => (0, verdict.active.zones[zi].params.burst.div_ceil(spec.params.rate).max(1)),
+            None => (0, active.zones[zi].params.burst.div_ceil(spec.params.rate).max(1)),
         };
         if tightest.as_ref().is_none_or(|(r, _, _)| remaining < *r) {
-            tightest = Some((remaining, spec.name.clone(), reset));
+            tightest = Some((remaining, &spec.name, reset));
         }
     }
-    let mut headers = Vec::new();
-    if !policies.is_empty() {
-        headers.push(("ratelimit-policy", policies.join(", ")));
+    let mut headers = SmallVec::new();
+    if let Some(Some(policy)) = active.rate_limit_policy.get(verdict.route) {
+        headers.push(("ratelimit-policy", policy.clone()));
     }
     if let Some((remaining, name, reset)) = tightest {
-        headers.push(("ratelimit", format!("\"{name}\";r={remaining};t={reset}")));
+        let mut text = String::with_capacity(name.len() + 32);
+        let _ = write!(text, "\"{name}\";r={remaining};t={reset}");
+        if let Ok(value) = HeaderValue::try_from(text) {
+            headers.push(("ratelimit", value));
+        }
     }
     headers
 }

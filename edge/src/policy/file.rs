@@ -292,7 +292,7 @@ fn zone_spec(loc: &mut Located<'_>, name: &str, raw: RawZone) -> Option<ZoneSpec
         }
     };
     (loc.errors.len() == before).then(|| ZoneSpec {
-        name: name.to_owned(),
+        name: name.into(),
         key,
         params: Params::new(rate, per_secs, burst, delay),
         rate_text: raw.rate.get_ref().trim().to_owned(),
@@ -328,18 +328,18 @@ fn route(loc: &mut Located<'_>, zones: &[ZoneSpec], raw: RawRoute, span: Range<u
     }
     let mut indices = Vec::new();
     for z in &raw.zones {
-        match zones.iter().position(|spec| spec.name == *z.get_ref()) {
+        match zones.iter().position(|spec| *spec.name == **z.get_ref()) {
             Some(i) if indices.contains(&i) => loc
                 .error(z.span(), format!("zone {:?} is listed twice: expected each zone once per route", z.get_ref())),
             Some(i) => indices.push(i),
             None => {
-                let known: Vec<&str> = zones.iter().map(|s| s.name.as_str()).collect();
+                let known: Vec<&str> = zones.iter().map(|s| &*s.name).collect();
                 loc.error(z.span(), format!("unknown zone {:?}: expected one of {known:?}", z.get_ref()));
             }
         }
     }
     (loc.errors.len() == before).then(|| Route {
-        name: raw.name.unwrap_or_else(|| raw.path_prefix.get_ref().clone()),
+        name: raw.name.unwrap_or_else(|| raw.path_prefix.get_ref().clone()).into(),
         path_prefix: raw.path_prefix.into_inner(),
         methods,
         zones: indices,
@@ -402,7 +402,7 @@ mod tests {
         .expect("valid");
         assert_eq!(p.zones.len(), 2);
         let r = p.route("POST", "/v1/orders/async").expect("route");
-        assert_eq!(r.zones.iter().map(|&i| p.zones[i].name.as_str()).collect::<Vec<_>>(), ["ip", "user"]);
+        assert_eq!(r.zones.iter().map(|&i| &*p.zones[i].name).collect::<Vec<_>>(), ["ip", "user"]);
         assert!(p.route("GET", "/v1/orders/1").is_none(), "method filtered");
         assert_eq!(p.zones[0].params, Params::new(30, 60, 5, Some(2)));
         assert_eq!(p.zones[1].key, KeySource::Claim("sub".into()));

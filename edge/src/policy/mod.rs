@@ -9,6 +9,7 @@ mod file;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -30,7 +31,8 @@ pub enum KeySource {
 /// One zone, as the policy defines it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ZoneSpec {
-    pub name: String,
+    /// Shared, not copied, by every metric and header that names the zone.
+    pub name: Arc<str>,
     pub key: KeySource,
     pub params: Params,
     /// The rate as written, for headers and logs (e.g. `1r/s`).
@@ -54,7 +56,8 @@ impl ZoneSpec {
 /// A route: requests whose path starts with `path_prefix` (longest prefix wins) and whose method is listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    pub name: String,
+    /// Shared, not copied, by every request's metrics.
+    pub name: Arc<str>,
     pub path_prefix: String,
     /// Upper-case methods; empty means every method.
     pub methods: Vec<String>,
@@ -92,6 +95,20 @@ impl Policy {
     /// The route for `method` and `path`: the longest matching prefix among routes that allow the method.
     pub fn route(&self, method: &str, path: &str) -> Option<&Route> {
         self.route_index(method, path).map(|i| &self.routes[i])
+    }
+
+    /// The `RateLimit-Policy` header of a route (IETF httpapi draft): every zone it applies, except dry-run ones,
+    /// as `"name";q=quota;w=window` where a zone of rate r and burst b allows q = b + 1 requests in w = q / r
+    /// seconds. `None` when no zone applies. It depends on the policy only, so the limiter makes it once per load.
+    pub fn rate_limit_policy(&self, route: &Route) -> Option<String> {
+        let mut text = String::new();
+        for spec in route.zones.iter().map(|&i| &self.zones[i]).filter(|spec| !spec.dry_run) {
+            let quota = spec.burst + 1;
+            let window = (quota * 1_000_000).div_ceil(spec.params.rate * 1000).max(1);
+            let sep = if text.is_empty() { "" } else { ", " };
+            text.push_str(&format!("{sep}\"{}\";q={quota};w={window}", spec.name));
+        }
+        (!text.is_empty()).then_some(text)
     }
 
     /// The index in `routes` of the route for `method` and `path`: the longest matching prefix.
