@@ -8,13 +8,16 @@ use std::time::Duration;
 
 use edge::limiter::{Active, Limiter, RequestInfo, Verdict};
 use edge::limits::ZoneOutcome;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use pingora::prelude::{Result, Session};
 use service_core::problem::Problem;
 use service_core::telemetry::{Context, TraceContextExt as _};
 use smallvec::SmallVec;
+
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// Rate-limit metrics, per zone.
 pub struct LimitMetrics {
@@ -29,7 +32,7 @@ pub struct Applied {
     pub outcome: &'static str,
     pub delay_ms: u64,
     /// `RateLimit-Policy` and `RateLimit`, for the response.
-    pub headers: SmallVec<[(&'static str, HeaderValue); 2]>,
+    pub headers: SmallVec<[(HeaderName, HeaderValue); 2]>,
     /// The client's address (the peer, or the right-most untrusted `X-Forwarded-For` entry), set by the proxy.
     pub client: Option<IpAddr>,
     /// The policy route that applied (metrics); `None` when none did.
@@ -86,7 +89,7 @@ pub async fn apply(
             .with_detail(format!("zone {} allows {} with a burst of {}", spec.name, spec.rate_text, spec.burst))
             .with("zone", serde_json::json!(&*spec.name));
         let mut headers: Vec<_> = applied.headers.to_vec();
-        headers.push(("retry-after", HeaderValue::from(retry_secs)));
+        headers.push((http::header::RETRY_AFTER, HeaderValue::from(retry_secs)));
         crate::respond::problem(session, &problem, request_id, &headers).await?;
         return Ok(true);
     }
@@ -163,7 +166,7 @@ fn summary(verdict: &Verdict) -> &'static str {
 
 /// `RateLimit-Policy` (every zone of the route, made once per policy: [`edge::policy::Policy::rate_limit_policy`])
 /// and `RateLimit` (the zone with the least room left), as in the IETF httpapi draft.
-fn rate_limit_headers(verdict: &Verdict) -> SmallVec<[(&'static str, HeaderValue); 2]> {
+fn rate_limit_headers(verdict: &Verdict) -> SmallVec<[(HeaderName, HeaderValue); 2]> {
     let active = &verdict.active;
     let mut tightest: Option<(u64, &str, u64)> = None;
     for (pos, &zi) in verdict.zones.iter().enumerate() {
@@ -182,13 +185,13 @@ fn rate_limit_headers(verdict: &Verdict) -> SmallVec<[(&'static str, HeaderValue
     }
     let mut headers = SmallVec::new();
     if let Some(Some(policy)) = active.rate_limit_policy.get(verdict.route) {
-        headers.push(("ratelimit-policy", policy.clone()));
+        headers.push((RATELIMIT_POLICY, policy.clone()));
     }
     if let Some((remaining, name, reset)) = tightest {
         let mut text = String::with_capacity(name.len() + 32);
         let _ = write!(text, "\"{name}\";r={remaining};t={reset}");
         if let Ok(value) = HeaderValue::try_from(text) {
-            headers.push(("ratelimit", value));
+            headers.push((RATELIMIT, value));
         }
     }
     headers

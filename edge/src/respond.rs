@@ -2,7 +2,7 @@
 //! and any extra headers, and the connection closed after it.
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::prelude::{Result, Session};
 use service_core::problem::{self, Problem};
@@ -12,7 +12,7 @@ pub async fn problem(
     session: &mut Session,
     problem: &Problem,
     request_id: &str,
-    extra: &[(&'static str, HeaderValue)],
+    extra: &[(HeaderName, HeaderValue)],
 ) -> Result<()> {
     let body = problem.to_body();
     let mut resp = ResponseHeader::build(problem.status, Some(4 + extra.len()))?;
@@ -22,7 +22,7 @@ pub async fn problem(
         resp.insert_header("x-request-id", request_id)?;
     }
     for (k, v) in extra {
-        resp.insert_header(*k, v.clone())?;
+        resp.insert_header(k.clone(), v.clone())?;
     }
     session.set_keepalive(None);
     session.write_response_header(Box::new(resp), false).await?;
