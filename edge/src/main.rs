@@ -15,6 +15,7 @@ mod redirect;
 mod reload;
 mod respond;
 mod tls;
+mod wire;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -16,7 +16,7 @@ use http::HeaderValue;
 use opentelemetry::KeyValue;
 use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::{Counter, Histogram};
-use opentelemetry::trace::TraceId;
+use opentelemetry::trace::{SpanId, TraceId};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
 use pingora::proxy::FailToProxy;
@@ -330,11 +330,9 @@ impl ProxyHttp for EdgeProxy {
         headers.insert(X_REQUEST_ID, ctx.request_id.clone());
         // The gateway's span is a child of ours; without tracing, a valid incoming context passes unchanged, and
         // a request without one still gets a fresh trace id to correlate logs.
-        let traceparent = telemetry::traceparent(&ctx.trace).unwrap_or_else(new_traceparent);
-        // `00-{trace id}-{span id}-{flags}`: the access log names the trace the upstream continues.
-        ctx.trace_id = traceparent.get(3..35).and_then(|hex| TraceId::from_hex(hex).ok());
-        let traceparent = HeaderValue::try_from(traceparent)
-            .map_err(|e| pingora::Error::because(ErrorType::InvalidHTTPHeader, "traceparent", e))?;
+        // The access log names the trace the upstream continues.
+        let (traceparent, trace_id) = traceparent(&ctx.trace);
+        ctx.trace_id = Some(trace_id);
         headers.insert(TRACEPARENT, traceparent);
 
         *upstream = restore.into_request(parts)?;
@@ -681,7 +679,7 @@ fn forwarded_for(incoming: Option<&str>, client_ip: Option<IpAddr>) -> Option<He
         if !text.is_empty() {
             text.extend_from_slice(b", ");
         }
-        crate::access_log::write_ip(&mut text, ip);
+        crate::wire::write_ip(&mut text, ip);
     }
     HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
 }
@@ -699,10 +697,30 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
-fn new_traceparent() -> String {
-    // Random ids from uuid's generator (its version bits do not matter here: W3C ids are any non-zero value).
-    let (trace, span) = (uuid::Uuid::new_v4().as_u128(), uuid::Uuid::new_v4().as_u64_pair().0);
-    format!("00-{trace:032x}-{span:016x}-01")
+/// The W3C `traceparent` for the upstream (`00-{trace id}-{span id}-{flags}`) continuing `cx`'s span, or new
+/// random ids (sampled) when it has none; and its trace id.
+fn traceparent(cx: &Context) -> (HeaderValue, TraceId) {
+    let span = cx.span();
+    let sc = span.span_context();
+    let (trace_id, span_id, flags) = if sc.is_valid() {
+        (sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8())
+    } else {
+        // Random ids from uuid's generator (its version bits do not matter here: W3C ids are any non-zero value).
+        let trace = uuid::Uuid::new_v4().as_u128().to_be_bytes();
+        let span = uuid::Uuid::new_v4().as_u64_pair().0.to_be_bytes();
+        (TraceId::from_bytes(trace), SpanId::from_bytes(span), 1)
+    };
+    let mut text = Vec::with_capacity(55);
+    text.extend_from_slice(b"00-");
+    crate::wire::write_hex(&mut text, &trace_id.to_bytes());
+    text.push(b'-');
+    crate::wire::write_hex(&mut text, &span_id.to_bytes());
+    text.push(b'-');
+    crate::wire::write_hex(&mut text, &[flags]);
+    // Hex digits and hyphens: always a valid header value.
+    let value =
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).unwrap_or_else(|_| HeaderValue::from_static(""));
+    (value, trace_id)
 }
 
 #[cfg(test)]
@@ -787,6 +805,17 @@ mod tests {
 
     #[test]
     fn traceparents_are_checked_and_generated_valid() {
-        assert!(service_core::telemetry::is_valid_traceparent(&new_traceparent()));
+        let (fresh, id) = traceparent(&Context::new());
+        let text = fresh.to_str().expect("ascii");
+        assert!(service_core::telemetry::is_valid_traceparent(text), "{text}");
+        assert_eq!(text.get(3..35), Some(id.to_string().as_str()));
+        assert!(text.ends_with("-01"), "sampled: {text}");
+        assert_ne!(traceparent(&Context::new()).1, id, "new ids each time");
+        // A context with a span is continued: same trace, the span as the parent, its flags.
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let cx = service_core::telemetry::from_traceparent(Some(incoming));
+        let (continued, id) = traceparent(&cx);
+        assert_eq!(continued.to_str().ok(), Some(incoming));
+        assert_eq!(id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 }
