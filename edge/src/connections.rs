@@ -52,7 +52,8 @@ pub struct Connections {
     settings: Settings,
     metrics: Metrics,
     epoch: Instant,
-    live: Mutex<HashMap<SocketAddr, Arc<Conn>>>,
+    /// Looked up on every request: foldhash, not SipHash (the keys are the edge's own peers' addresses).
+    live: Mutex<HashMap<SocketAddr, Arc<Conn>, foldhash::fast::RandomState>>,
     open: AtomicU64,
     established: AtomicU64,
     in_flight_per_client: Mutex<HashMap<Key, u32>>,

@@ -428,8 +428,9 @@ impl ProxyHttp for EdgeProxy {
             Some(r) => opentelemetry::Value::from(r),
             None => opentelemetry::Value::from("unmatched"),
         };
+        let total = ctx.started.elapsed().as_secs_f64();
         self.duration.record(
-            ctx.started.elapsed().as_secs_f64(),
+            total,
             &[
                 KeyValue::new("http.request.method", method),
                 KeyValue::new("http.response.status_code", i64::from(status)),
@@ -447,7 +448,7 @@ impl ProxyHttp for EdgeProxy {
             tracing::warn!(request_id = ctx.request_id(), status, error = %e, "request failed");
         }
         if self.access_log {
-            access_log(session, status, ctx);
+            access_log(session, status, ctx, total);
         }
         tracing::debug!(
             request_id = ctx.request_id(),
@@ -566,7 +567,8 @@ impl Restore {
 }
 
 /// The request's access log line (see [`crate::access_log`]).
-fn access_log(session: &Session, status: u16, ctx: &RequestCtx) {
+/// `total` is the request's time so far in seconds (the one its metrics recorded).
+fn access_log(session: &Session, status: u16, ctx: &RequestCtx, total: f64) {
     let req = session.req_header();
     // The trace the upstream continued, else the client's (a request answered at the edge).
     let trace_id = ctx.trace_id.or_else(|| {
@@ -583,7 +585,7 @@ fn access_log(session: &Session, status: u16, ctx: &RequestCtx) {
         bytes: session.body_bytes_sent(),
         upstream: ctx.lease.as_ref().map(|l| l.instance.addr),
         upstream_ms: ctx.upstream_ms,
-        total_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
+        total_ms: total * 1000.0,
         tries: ctx.tried.len() + usize::from(ctx.lease.is_some()),
         rate_limit: if ctx.limits.outcome.is_empty() { None } else { Some(ctx.limits.outcome) },
         rate_limit_delay_ms: ctx.limits.delay_ms,
