@@ -121,6 +121,11 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
+    /// No downstream modules: Pingora adds a disabled response-compression module by default, which still costs
+    /// a context per request and a pass over every response header and body chunk. The edge does not compress
+    /// (the gateway's answers are small JSON; a client that wants compression gets it from a CDN in front).
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     /// The request head is in: the connection is busy, and this request's timeouts are set (Pingora keeps an
     /// HTTP/1.1 connection open forever, and reads and writes without a deadline, unless told).
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<()> {
