@@ -15,7 +15,8 @@ seconds of the proxy per 100k requests (from /proc) and its peak RSS. Rounds alt
 medians are compared.
 
 Usage (via loadtest/edge-bench, which builds the release binaries): edge_bench.py BIN_DIR [SECONDS] [ROUNDS]
-A subset for a quick look: LOADS=h1 TARGETS=bare,edge (comma-separated; PROFILE=1 adds perf reports).
+A subset for a quick look: LOADS=h1 TARGETS=bare,edge (comma-separated; PROFILE=1 adds perf reports; COUNT=1
+adds the proxy's thousands of instructions per request, user and kernel, which vary far less than req/s).
 Loopback only; every process it starts is stopped by PID at the end.
 """
 
@@ -198,6 +199,7 @@ def measure(target: str, pid: int | None, url: str, load: str, secs: int) -> dic
             stop.wait(0.5)
     sampler = threading.Thread(target=sample)
     sampler.start()
+    counter = start_count(pid) if pid and os.environ.get("COUNT") == "1" and shutil.which("perf") else None
     before = cpu_seconds(pid) if pid else 0.0
     r = run_load(load, url, secs)
     after = cpu_seconds(pid) if pid else 0.0
@@ -205,7 +207,29 @@ def measure(target: str, pid: int | None, url: str, load: str, secs: int) -> dic
     sampler.join()
     r["cpu_per_100k"] = (after - before) * 100_000 / r["requests"] if r["requests"] and pid else float("nan")
     r["rss_mib"] = peak[0] if pid else float("nan")
+    if counter:
+        r.update(stop_count(counter, r["requests"]))
     return r
+
+
+def start_count(pid: int) -> subprocess.Popen:
+    """COUNT=1: the proxy's instructions (user, kernel) during the measured run, from `perf stat`. Unlike req/s
+    and CPU time they hardly vary between runs on a shared machine: the measure for small changes."""
+    return subprocess.Popen(["perf", "stat", "-x,", "-e", "instructions:u,instructions:k", "-p", str(pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def stop_count(counter: subprocess.Popen, requests: int) -> dict:
+    counter.send_signal(signal.SIGINT)
+    _, err = counter.communicate(timeout=10)
+    out = {}
+    for line in err.splitlines():
+        parts = line.split(",")
+        if len(parts) > 2 and parts[0].isdigit() and requests:
+            key = {"instructions:u": "kinstr_user", "instructions:k": "kinstr_kernel"}.get(parts[2])
+            if key:
+                out[key] = int(parts[0]) / requests / 1000
+    return out
 
 
 def main() -> int:

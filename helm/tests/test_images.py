@@ -16,7 +16,9 @@ def test_containerfile(service):
     assert len(stages) >= 2, "multi-stage"
     runtime = stages[-1][0]
     assert "distroless" in runtime, f"runtime image {runtime} should be minimal and shell-less"
-    assert re.search(rf"cargo build --release --locked -p {service} --bin {service}\b", text)
+    # The production profile (fat LTO, see Cargo.toml), and the binary it makes.
+    assert re.search(rf"cargo build --profile production --locked -p {service} --bin {service}\b", text)
+    assert f"target/production/{service} " in text
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", users[-1]), "numeric non-root USER (runAsNonRoot checks it)"
     assert re.search(rf'^ENTRYPOINT \["/usr/local/bin/{service}"\]', text, re.M), "exec-form entrypoint, no shell"
