@@ -16,7 +16,8 @@ medians are compared.
 
 Usage (via loadtest/edge-bench, which builds the release binaries): edge_bench.py BIN_DIR [SECONDS] [ROUNDS]
 A subset for a quick look: LOADS=h1 TARGETS=bare,edge (comma-separated; PROFILE=1 adds perf reports; COUNT=1
-adds the proxy's thousands of instructions per request, user and kernel, which vary far less than req/s).
+adds the proxy's thousands of instructions per request, user and kernel, which vary far less than req/s;
+perf's counting slows every target a little, so take req/s from a run without it).
 Loopback only; every process it starts is stopped by PID at the end.
 """
 
