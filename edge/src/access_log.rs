@@ -82,47 +82,40 @@ pub fn write_line(out: &mut Vec<u8>, line: &Line<'_>, now: std::time::Duration) 
     out.extend_from_slice(b",\"bytes\":");
     write_u64(out, line.bytes as u64);
     out.extend_from_slice(b",\"upstream\":");
-    match line.upstream {
-        Some(addr) => {
-            out.push(b'"');
-            write_addr(out, addr);
-            out.push(b'"');
-        }
-        None => out.extend_from_slice(b"null"),
-    }
+    or_null(out, line.upstream, |out, addr| {
+        out.push(b'"');
+        write_addr(out, addr);
+        out.push(b'"');
+    });
     out.extend_from_slice(b",\"upstream_ms\":");
-    match line.upstream_ms {
-        Some(ms) => write_ms(out, ms),
-        None => out.extend_from_slice(b"null"),
-    }
+    or_null(out, line.upstream_ms, write_ms);
     out.extend_from_slice(b",\"total_ms\":");
     write_ms(out, line.total_ms);
     out.extend_from_slice(b",\"tries\":");
     write_u64(out, line.tries as u64);
     out.extend_from_slice(b",\"rate_limit\":");
-    match line.rate_limit {
-        Some(outcome) => write_str(out, outcome),
-        None => out.extend_from_slice(b"null"),
-    }
+    or_null(out, line.rate_limit, write_str);
     out.extend_from_slice(b",\"rate_limit_delay_ms\":");
     write_u64(out, line.rate_limit_delay_ms);
     out.extend_from_slice(b",\"request_id\":");
     write_str(out, line.request_id);
     out.extend_from_slice(b",\"trace_id\":");
-    match line.trace_id {
-        Some(id) => {
-            out.push(b'"');
-            write_hex(out, &id.to_bytes());
-            out.push(b'"');
-        }
-        None => out.extend_from_slice(b"null"),
-    }
+    or_null(out, line.trace_id, |out, id| {
+        out.push(b'"');
+        write_hex(out, &id.to_bytes());
+        out.push(b'"');
+    });
     out.extend_from_slice(b",\"user_agent\":");
-    match line.user_agent {
-        Some(ua) => write_str(out, ua),
+    or_null(out, line.user_agent, write_str);
+    out.extend_from_slice(b"}\n");
+}
+
+/// `value` written by `write`, or JSON's `null`.
+fn or_null<T>(out: &mut Vec<u8>, value: Option<T>, write: impl FnOnce(&mut Vec<u8>, T)) {
+    match value {
+        Some(v) => write(out, v),
         None => out.extend_from_slice(b"null"),
     }
-    out.extend_from_slice(b"}\n");
 }
 
 /// RFC 3339 in UTC with milliseconds (`2026-11-26T13:55:16.123Z`); the part up to the seconds is formatted once
