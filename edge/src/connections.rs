@@ -56,7 +56,8 @@ pub struct Connections {
     live: Mutex<HashMap<SocketAddr, Arc<Conn>, foldhash::fast::RandomState>>,
     open: AtomicU64,
     established: AtomicU64,
-    in_flight_per_client: Mutex<HashMap<Key, u32>>,
+    /// Looked up on every request too (when the limit is on): foldhash with a per-process seed, as the zones.
+    in_flight_per_client: Mutex<HashMap<Key, u32, foldhash::fast::RandomState>>,
 }
 
 /// One live connection.

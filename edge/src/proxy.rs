@@ -16,7 +16,7 @@ use http::HeaderValue;
 use opentelemetry::KeyValue;
 use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::{Counter, Histogram};
-use opentelemetry::trace::{SpanId, TraceId};
+use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
 use pingora::proxy::FailToProxy;
@@ -704,30 +704,24 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
-/// The W3C `traceparent` for the upstream (`00-{trace id}-{span id}-{flags}`) continuing `cx`'s span, or new
-/// random ids (sampled) when it has none; and its trace id.
+/// The W3C `traceparent` for the upstream continuing `cx`'s span, or new random ids (sampled) when it has none;
+/// and its trace id.
 fn traceparent(cx: &Context) -> (HeaderValue, TraceId) {
     let span = cx.span();
-    let sc = span.span_context();
-    let (trace_id, span_id, flags) = if sc.is_valid() {
-        (sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8())
+    let current = span.span_context();
+    let fresh;
+    let sc = if current.is_valid() {
+        current
     } else {
         // Random ids from uuid's generator (its version bits do not matter here: W3C ids are any non-zero value).
-        let trace = uuid::Uuid::new_v4().as_u128().to_be_bytes();
-        let span = uuid::Uuid::new_v4().as_u64_pair().0.to_be_bytes();
-        (TraceId::from_bytes(trace), SpanId::from_bytes(span), 1)
+        let trace = TraceId::from_bytes(uuid::Uuid::new_v4().as_u128().to_be_bytes());
+        let span_id = SpanId::from_bytes(uuid::Uuid::new_v4().as_u64_pair().0.to_be_bytes());
+        fresh = SpanContext::new(trace, span_id, TraceFlags::SAMPLED, false, TraceState::NONE);
+        &fresh
     };
-    let mut text = Vec::with_capacity(55);
-    text.extend_from_slice(b"00-");
-    crate::wire::write_hex(&mut text, &trace_id.to_bytes());
-    text.push(b'-');
-    crate::wire::write_hex(&mut text, &span_id.to_bytes());
-    text.push(b'-');
-    crate::wire::write_hex(&mut text, &[flags]);
-    // Hex digits and hyphens: always a valid header value.
-    let value =
-        HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).unwrap_or_else(|_| HeaderValue::from_static(""));
-    (value, trace_id)
+    // Hex digits and hyphens: always a valid header value (taken over without a copy).
+    let value = HeaderValue::try_from(telemetry::traceparent_of(sc)).unwrap_or_else(|_| HeaderValue::from_static(""));
+    (value, sc.trace_id())
 }
 
 #[cfg(test)]

@@ -312,12 +312,33 @@ pub fn from_traceparent(traceparent: Option<&str>) -> Context {
     }
 }
 
-/// The `traceparent` value naming the context's current span, if it has a valid one (formatted directly: this
-/// runs for every request, sampled or not).
+/// The `traceparent` value naming the context's current span, if it has a valid one.
 pub fn traceparent(cx: &Context) -> Option<String> {
     let span = cx.span();
     let sc = span.span_context();
-    sc.is_valid().then(|| format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
+    sc.is_valid().then(|| traceparent_of(sc))
+}
+
+/// The W3C `traceparent` of `sc`: `00-{trace id}-{span id}-{flags}` in lower-case hex. Written digit by digit,
+/// not through `format!` (the edge makes one for every request; `{:032x}` of the ids cost it ~1,500
+/// instructions).
+pub fn traceparent_of(sc: &SpanContext) -> String {
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    push_hex(&mut out, &sc.trace_id().to_bytes());
+    out.push('-');
+    push_hex(&mut out, &sc.span_id().to_bytes());
+    out.push('-');
+    push_hex(&mut out, &[sc.trace_flags().to_u8()]);
+    out
+}
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for &b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
 }
 
 /// The ids that logs of a span carry (`trace_id`, `span_id` in hex), empty when the context has no valid span.
