@@ -5,7 +5,7 @@ Targets, each a TLS reverse proxy on one core (taskset -c 1) in front of the sam
 a 221-byte body on plain HTTP, with the load generator on core 0):
   nginx  Debian's nginx, one worker, TLS 1.2/1.3 + h2, keep-alive to the upstream, limit_req with a zone that
          never rejects, access log to a file;
-  bare   loadtest/bare-proxy: Pingora with no logic, the edge's TLS backend (OpenSSL), allocator and runtime
+  bare   loadtest/bare-proxy: Pingora with no logic, the edge's TLS backend (OpenSSL), allocator (mimalloc) and runtime
          settings (a single-threaded runtime per thread, the runtime's timers; PINGORA_DEFAULTS=1 in the
          environment runs it with Pingora's defaults instead: work stealing, its clock-thread timers);
   edge   the edge, one thread, its default policy engine with a zone that never rejects, access log to a file;

@@ -17,6 +17,11 @@ mod respond;
 mod tls;
 mod wire;
 
+/// mimalloc, not glibc's malloc: measured in `loadtest/edge-bench`, glibc's heap fragments under HTTP/2 load and
+/// every later request costs ~10% more CPU (mimalloc: none), HTTP/2 itself is ~10% cheaper, for ~15 MiB more RSS.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

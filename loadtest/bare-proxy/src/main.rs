@@ -4,6 +4,10 @@
 //!
 //! `bare-proxy LISTEN UPSTREAM CERT KEY [THREADS]`, e.g. `bare-proxy 127.0.0.1:9443 127.0.0.1:9080 cert.pem key.pem 1`
 
+/// The edge's allocator (see the edge's `main`): the floor is measured with the same one.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use async_trait::async_trait;
 use pingora::listeners::tls::TlsSettings;
 use pingora::prelude::{HttpPeer, Opt, ProxyHttp, Result, Session};
