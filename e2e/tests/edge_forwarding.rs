@@ -3,9 +3,22 @@
 use serde_json::Value;
 use testkit::{Stack, StackOptions};
 
+/// With either runtime model (`work_stealing`: the default one single-threaded runtime per worker thread, or
+/// Pingora's work-stealing runtime), two worker threads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() -> anyhow::Result<()> {
-    let stack = Stack::start(StackOptions { gateway: false, workers: false, ..StackOptions::default() }).await?;
+    for work_stealing in ["false", "true"] {
+        forwards_headers(work_stealing).await.map_err(|e| e.context(format!("work_stealing = {work_stealing}")))?;
+    }
+    Ok(())
+}
+
+async fn forwards_headers(work_stealing: &str) -> anyhow::Result<()> {
+    let env = vec![
+        ("edge", "EDGE_WORK_STEALING".to_owned(), work_stealing.to_owned()),
+        ("edge", "EDGE_THREADS".to_owned(), "2".to_owned()),
+    ];
+    let stack = Stack::start(StackOptions { gateway: false, workers: false, env, ..StackOptions::default() }).await?;
     // Without a gateway the stack puts an echo server on its port (the upstream).
     let ca = reqwest::Certificate::from_pem(&std::fs::read(stack.tls_dir().join("dev-cert.pem"))?)?;
     // HTTP/1.1: the only version with a Connection header (HTTP/2 forbids it).
