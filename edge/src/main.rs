@@ -201,7 +201,8 @@ fn main() -> anyhow::Result<()> {
         work_stealing: config.work_stealing,
         // Pingora's "fast" timeouts share a clock thread that wakes 100 times a second and wakes the worker
         // threads from outside; the runtime's own timers cost the edge 6% less CPU per request (each request has a
-        // few: the upstream's answer, the keep-alive wait). Timeouts under a second (connect) stay fast ones.
+        // few: the upstream's answer, the keep-alive wait). Only timeouts under a second (a `connect_timeout_ms`
+        // below 1000, say) stay Pingora's.
         fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     };
