@@ -16,9 +16,9 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// Worker threads of the proxy service.
     pub threads: usize,
-    /// `false` (the default): each worker thread runs its own single-threaded runtime and keeps the connections
-    /// it was given, as nginx's workers do; `true`: one runtime whose threads steal each other's tasks (Pingora's
-    /// default), which costs synchronisation on every wake-up and measured 15% more CPU per request here.
+    /// `false` (the default): each worker thread runs its own single-threaded runtime, and a connection stays on
+    /// the thread it was given (at random), as with nginx's workers; `true`: one runtime whose threads steal each
+    /// other's tasks (Pingora's default), which costs synchronisation on every wake-up: 15% more CPU per request.
     pub work_stealing: bool,
     pub log: LogConfig,
     pub tls: TlsConfig,
