@@ -216,13 +216,29 @@ async fn several_zones_on_one_route_the_first_rejection_charges_nothing() -> any
     let c = warm_client(&stack, "127.0.0.50").await?;
     let url = format!("{}/v1/x", stack.edge_url());
     let mut statuses = Vec::new();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     for tenant in ["a", "a", "a", "a", "b", "b", "b", "c"] {
-        statuses.push(c.get(&url).header("x-tenant", tenant).send().await?.status().as_u16());
+        let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
+        let r = c.get(&url).header("x-tenant", tenant).header("traceparent", traceparent).send().await?;
+        statuses.push(r.status().as_u16());
     }
     let limited: Vec<u16> = statuses.iter().map(|s| if *s == 429 || *s == 503 { *s } else { 0 }).collect();
     // a: 3 pass, the 4th is refused by the tenant zone (503) without charging the address zone;
     // b: 3 pass (the address zone now holds 5 = its burst); c: refused by the address zone (429).
     assert_eq!(limited, vec![0, 0, 0, 503, 0, 0, 0, 429], "{statuses:?}");
+    // Each refusal is logged with the zone and the trace's id (the client's trace, continued by the edge).
+    let edge = stack.edge.as_ref().ok_or_else(|| anyhow::anyhow!("no edge"))?;
+    eventually(Duration::from_secs(5), "two 'rate limited' lines with the trace id", || {
+        let log = edge.log_text();
+        let lines = log
+            .lines()
+            .filter(|l| l.contains("rate limited") && l.contains(&format!("trace_id={trace_id}")))
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        let zones = ["zone=tenant", "zone=ip"].iter().all(|z| lines.iter().any(|l| l.contains(z)));
+        async move { zones.then_some(()) }
+    })
+    .await?;
     Ok(())
 }
 

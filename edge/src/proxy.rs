@@ -23,7 +23,6 @@ use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 use service_core::problem::Problem;
 use service_core::telemetry::{self, Context, TraceContextExt as _};
-use tracing::Instrument as _;
 
 use crate::connections::{ClientGuard, Connections, RequestGuard};
 use crate::ratelimit::{self, Applied, LimitMetrics};
@@ -194,7 +193,6 @@ impl ProxyHttp for EdgeProxy {
             active,
             client,
         )
-        .instrument(telemetry::log_span(&trace))
         .await
     }
 

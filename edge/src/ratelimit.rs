@@ -78,7 +78,11 @@ pub async fn apply(
             _ => 1000,
         };
         let retry_secs = retry_ms.div_ceil(1000).max(1);
-        tracing::info!(zone = %spec.name, client = %verdict.client_ip, request_id, retry_secs, "rate limited");
+        // The trace's ids on the line itself: a `tracing` span around every request for them cost 3% of the
+        // edge's CPU at the default log level.
+        let (trace_id, span_id) = log_ids(trace);
+        tracing::info!(zone = %spec.name, client = %verdict.client_ip, request_id, retry_secs, trace_id = %trace_id,
+            span_id = %span_id, "rate limited");
         // The zone's status may be nginx's 503 instead of 429: the title follows it.
         let title = http::StatusCode::from_u16(spec.status)
             .ok()
@@ -103,6 +107,13 @@ pub async fn apply(
         tokio::time::sleep(Duration::from_millis(verdict.decision.delay_ms)).await;
     }
     Ok(false)
+}
+
+/// The W3C ids of the request's span for a log line; empty when it has none.
+fn log_ids(trace: &Context) -> (String, String) {
+    let span = trace.span();
+    let sc = span.span_context();
+    if sc.is_valid() { (sc.trace_id().to_string(), sc.span_id().to_string()) } else { (String::new(), String::new()) }
 }
 
 fn record(metrics: &LimitMetrics, verdict: &Verdict) {
