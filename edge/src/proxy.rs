@@ -181,13 +181,15 @@ impl ProxyHttp for EdgeProxy {
                 return Ok(true);
             }
         }
+        let trace = ctx.trace.clone();
+        let request_id = ctx.request_id.clone();
         ratelimit::apply(
             &self.limiter,
             &self.limit_metrics,
             session,
-            ctx.request_id.to_str().unwrap_or_default(),
+            request_id.to_str().unwrap_or_default(),
             &mut ctx.limits,
-            &ctx.trace,
+            &trace,
             active,
             client,
         )
