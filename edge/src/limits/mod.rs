@@ -9,7 +9,7 @@ pub mod algorithm;
 mod table;
 pub mod zone;
 
-pub use zone::{Key, Zone};
+pub use zone::{Key, Locked, Zone};
 
 use algorithm::Verdict;
 use smallvec::{SmallVec, smallvec};
@@ -70,20 +70,23 @@ pub struct Decision {
     pub excess: PerLimit<Option<u64>>,
 }
 
-/// Applies `limits` to one request arriving at `now` (ms).
+/// Applies `limits` to one request arriving at `now` (ms), as one step: concurrent decisions on the same keys
+/// give what they would give one after the other.
 pub fn decide(limits: &[Limit<'_>], now: u64) -> Decision {
     let n = limits.len();
     let mut outcomes: PerLimit<ZoneOutcome> = smallvec![ZoneOutcome::Skipped; n];
     // Each zone's excess once it passed; becomes the decision's `excess` (cleared when a zone rejects).
     let mut passed: PerLimit<Option<u64>> = smallvec![None; n];
+    // Every zone's shard of the request's key, held for the whole decision (see [`Locked`]).
+    let mut locked = Locked::new(limits.iter().map(|l| (l.zone, l.key)));
     for (i, l) in limits.iter().enumerate() {
         // The last limit is looked up and charged in one step, the others only looked up (as nginx does).
-        let verdict = if i + 1 == n { l.zone.check_and_charge(l.key, now) } else { l.zone.check(l.key, now) };
+        let verdict = if i + 1 == n { locked.check_and_charge(i, now) } else { locked.check(i, now) };
         match verdict {
             Verdict::Pass { excess } => passed[i] = Some(excess),
             Verdict::Reject { .. } if l.dry_run => outcomes[i] = ZoneOutcome::DryRunRejected,
             Verdict::Reject { .. } => {
-                outcomes[i] = ZoneOutcome::Rejected { retry_after_ms: l.zone.retry_after_ms(l.key, now) };
+                outcomes[i] = ZoneOutcome::Rejected { retry_after_ms: locked.retry_after_ms(i, now) };
                 passed.iter_mut().for_each(|e| *e = None);
                 return Decision { outcomes, rejected_by: Some(i), delay_ms: 0, excess: passed };
             }
@@ -93,7 +96,7 @@ pub fn decide(limits: &[Limit<'_>], now: u64) -> Decision {
     for (i, l) in limits.iter().enumerate() {
         let Some(mut excess) = passed[i] else { continue };
         if i + 1 != n {
-            excess = l.zone.charge(l.key, now);
+            excess = locked.charge(i, now);
             passed[i] = Some(excess);
         }
         let ms = algorithm::delay_ms(excess, &l.zone.params);
