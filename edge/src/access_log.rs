@@ -8,7 +8,8 @@ use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 
-use crate::wire::{write_addr, write_hex, write_ip, write_str, write_u64};
+use crate::wire::{write_addr, write_ip, write_str, write_u64};
+use service_core::telemetry::write_hex;
 
 use opentelemetry::trace::TraceId;
 

@@ -181,15 +181,13 @@ impl ProxyHttp for EdgeProxy {
                 return Ok(true);
             }
         }
-        let trace = ctx.trace.clone();
-        let request_id = ctx.request_id.clone();
         ratelimit::apply(
             &self.limiter,
             &self.limit_metrics,
             session,
-            request_id.to_str().unwrap_or_default(),
+            ctx.request_id.to_str().unwrap_or_default(),
             &mut ctx.limits,
-            &trace,
+            &ctx.trace,
             active,
             client,
         )

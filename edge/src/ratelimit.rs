@@ -12,7 +12,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use pingora::prelude::{Result, Session};
 use service_core::problem::Problem;
-use service_core::telemetry::{Context, TraceContextExt as _};
+use service_core::telemetry::{self, Context, TraceContextExt as _};
 use smallvec::SmallVec;
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -80,7 +80,7 @@ pub async fn apply(
         let retry_secs = retry_ms.div_ceil(1000).max(1);
         // The trace's ids on the line itself: a `tracing` span around every request for them cost 5% of the
         // edge's instructions per request at the default log level.
-        let (trace_id, span_id) = log_ids(trace);
+        let (trace_id, span_id) = telemetry::log_ids(trace.span().span_context());
         tracing::info!(zone = %spec.name, client = %verdict.client_ip, request_id, retry_secs, trace_id = %trace_id,
             span_id = %span_id, "rate limited");
         // The zone's status may be nginx's 503 instead of 429: the title follows it.
@@ -107,13 +107,6 @@ pub async fn apply(
         tokio::time::sleep(Duration::from_millis(verdict.decision.delay_ms)).await;
     }
     Ok(false)
-}
-
-/// The W3C ids of the request's span for a log line; empty when it has none.
-fn log_ids(trace: &Context) -> (String, String) {
-    let span = trace.span();
-    let sc = span.span_context();
-    if sc.is_valid() { (sc.trace_id().to_string(), sc.span_id().to_string()) } else { (String::new(), String::new()) }
 }
 
 fn record(metrics: &LimitMetrics, verdict: &Verdict) {

@@ -1,4 +1,5 @@
-//! Numbers, addresses, ids and JSON strings written as bytes on the hot path, without the formatting machinery
+//! Numbers, addresses and JSON strings written as bytes on the hot path (ids in hex:
+//! `service_core::telemetry::write_hex`), without the formatting machinery
 //! (`format!` and `Display` cost several hundred instructions per value; these a few dozen). Each writes exactly
 //! what `Display` would (tests compare them).
 
@@ -79,20 +80,12 @@ pub fn write_addr(out: &mut Vec<u8>, addr: SocketAddr) {
     }
 }
 
-/// Lower-case hex.
-pub fn write_hex(out: &mut Vec<u8>, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for &b in bytes {
-        out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn numbers_addresses_and_hex_read_as_display_writes_them() {
+    fn numbers_and_addresses_read_as_display_writes_them() {
         for n in [0, 7, 10, 99, 1000, 65_535, u64::MAX] {
             let mut out = Vec::new();
             write_u64(&mut out, n);
@@ -110,8 +103,5 @@ mod tests {
             write_addr(&mut out, addr);
             assert_eq!(out, addr.to_string().as_bytes());
         }
-        let mut out = Vec::new();
-        write_hex(&mut out, &0x00ab_cdef_u32.to_be_bytes());
-        assert_eq!(out, b"00abcdef");
     }
 }

@@ -323,21 +323,22 @@ pub fn traceparent(cx: &Context) -> Option<String> {
 /// not through `format!` (the edge makes one for every request; `{:032x}` of the ids cost it ~1,500
 /// instructions).
 pub fn traceparent_of(sc: &SpanContext) -> String {
-    let mut out = String::with_capacity(55);
-    out.push_str("00-");
-    push_hex(&mut out, &sc.trace_id().to_bytes());
-    out.push('-');
-    push_hex(&mut out, &sc.span_id().to_bytes());
-    out.push('-');
-    push_hex(&mut out, &[sc.trace_flags().to_u8()]);
-    out
+    let mut out = Vec::with_capacity(55);
+    out.extend_from_slice(b"00-");
+    write_hex(&mut out, &sc.trace_id().to_bytes());
+    out.push(b'-');
+    write_hex(&mut out, &sc.span_id().to_bytes());
+    out.push(b'-');
+    write_hex(&mut out, &[sc.trace_flags().to_u8()]);
+    // ASCII by construction.
+    String::from_utf8(out).unwrap_or_default()
 }
 
-fn push_hex(out: &mut String, bytes: &[u8]) {
+/// `bytes` in lower-case hex, appended to `out` (trace and span ids in headers and log lines).
+pub fn write_hex(out: &mut Vec<u8>, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     for &b in bytes {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 15)]));
+        out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
     }
 }
 
@@ -367,6 +368,13 @@ mod tests {
     use super::*;
     use opentelemetry::trace::{SpanId, TraceFlags, TraceId};
     use opentelemetry::trace::{TraceState, TracerProvider as _};
+
+    #[test]
+    fn hex_is_lower_case_and_keeps_leading_zeros() {
+        let mut out = Vec::new();
+        write_hex(&mut out, &0x00ab_cdef_u32.to_be_bytes());
+        assert_eq!(out, b"00abcdef");
+    }
 
     #[test]
     fn a_traceparent_round_trips_and_malformed_ones_are_empty() {
