@@ -114,6 +114,9 @@ fn per_zone(
     }
 }
 
+/// Buckets (seconds) of the request and upstream latency histograms.
+const LATENCY_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config: Config = service_core::config::load(cli.config.as_deref(), "EDGE_")?;
@@ -147,10 +150,11 @@ fn main() -> anyhow::Result<()> {
     readiness.set("policy", true);
     let meter = metrics.meter();
     let limit_metrics = ratelimit::LimitMetrics {
-        decisions: meter
-            .u64_counter("edge.ratelimit.decisions")
-            .with_description("Rate-limit decisions per zone and outcome")
-            .build(),
+        decisions: metrics.hot_counter(
+            "edge_ratelimit_decisions_total",
+            "Rate-limit decisions per zone and outcome",
+            &["zone", "outcome"],
+        )?,
         delay: meter
             .f64_histogram("edge.ratelimit.delay")
             .with_unit("s")
@@ -181,13 +185,14 @@ fn main() -> anyhow::Result<()> {
         .with_description("Live keys evicted because a zone was full")
         .with_callback(per_zone(limiter.clone(), Zone::evictions))
         .build();
-    let duration = metrics
-        .meter()
-        .f64_histogram("http.server.request.duration")
-        .with_unit("s")
-        .with_description("Duration of HTTPS requests handled by the edge, upstream time included")
-        .with_boundaries(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
-        .build();
+    // The three instruments recorded on every request are kept out of the SDK's per-call attribute hashing
+    // (see `Metrics::hot_histogram`); names and labels are those the exporter gave them.
+    let duration = metrics.hot_histogram(
+        "http_server_request_duration_seconds",
+        "Duration of HTTPS requests handled by the edge, upstream time included",
+        LATENCY_BUCKETS.to_vec(),
+        &["http_request_method", "http_response_status_code", "status_class", "http_route"],
+    )?;
 
     let admin_listener = std::net::TcpListener::bind(config.admin_listen)
         .with_context(|| format!("binding admin listener {}", config.admin_listen))?;
@@ -276,13 +281,12 @@ fn main() -> anyhow::Result<()> {
         access_log: config.access_log,
         limits: config.limits.clone(),
         conns: conns.clone(),
-        upstream_duration: metrics
-            .meter()
-            .f64_histogram("edge.upstream.duration")
-            .with_unit("s")
-            .with_description("Time from choosing a gateway instance to its response header")
-            .with_boundaries(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
-            .build(),
+        upstream_duration: metrics.hot_histogram(
+            "edge_upstream_duration_seconds",
+            "Time from choosing a gateway instance to its response header",
+            LATENCY_BUCKETS.to_vec(),
+            &["instance", "status_class"],
+        )?,
         retries: metrics
             .meter()
             .u64_counter("edge.upstream.retries")

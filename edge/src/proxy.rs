@@ -15,12 +15,13 @@ use edge::upstream::{Lease, Pool};
 use http::HeaderValue;
 use opentelemetry::KeyValue;
 use opentelemetry::global::BoxedTracer;
-use opentelemetry::metrics::{Counter, Histogram};
+use opentelemetry::metrics::Counter;
 use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
+use service_core::metrics::HistogramVec;
 use service_core::problem::Problem;
 use service_core::telemetry::{self, Context, TraceContextExt as _};
 
@@ -88,9 +89,10 @@ pub struct EdgeProxy {
     pub access_log: bool,
     pub limits: crate::config::Limits,
     pub conns: Arc<Connections>,
-    pub duration: Histogram<f64>,
+    /// `http_request_method`, `http_response_status_code`, `status_class`, `http_route`.
+    pub duration: HistogramVec,
     /// Time until the instance's response header, per instance.
-    pub upstream_duration: Histogram<f64>,
+    pub upstream_duration: HistogramVec,
     pub limiter: Arc<Limiter>,
     pub limit_metrics: LimitMetrics,
     pub tracer: BoxedTracer,
@@ -425,25 +427,13 @@ impl ProxyHttp for EdgeProxy {
         }
         let method = telemetry::known_method(&session.req_header().method).unwrap_or("_OTHER");
         let class = status_class(status);
-        let route = match ctx.limits.route.take() {
-            Some(r) => opentelemetry::Value::from(r),
-            None => opentelemetry::Value::from("unmatched"),
-        };
+        let route = ctx.limits.route.take();
         let total = ctx.started.elapsed().as_secs_f64();
-        self.duration.record(
-            total,
-            &[
-                KeyValue::new("http.request.method", method),
-                KeyValue::new("http.response.status_code", i64::from(status)),
-                KeyValue::new("status_class", class),
-                KeyValue::new("http.route", route),
-            ],
-        );
+        let code = http::StatusCode::from_u16(status).ok();
+        let code = code.as_ref().map_or("0", http::StatusCode::as_str);
+        self.duration.with_label_values(&[method, code, class, route.as_deref().unwrap_or("unmatched")]).observe(total);
         if let (Some(ms), Some(lease)) = (ctx.upstream_ms, &ctx.lease) {
-            self.upstream_duration.record(
-                ms / 1000.0,
-                &[KeyValue::new("instance", lease.instance.label.clone()), KeyValue::new("status_class", class)],
-            );
+            self.upstream_duration.with_label_values(&[&*lease.instance.label, class]).observe(ms / 1000.0);
         }
         if let Some(e) = error {
             tracing::warn!(request_id = ctx.request_id(), status, error = %e, "request failed");
