@@ -705,8 +705,9 @@ fn traceparent(cx: &Context) -> (HeaderValue, TraceId) {
         fresh = SpanContext::new(trace, span_id, TraceFlags::SAMPLED, false, TraceState::NONE);
         &fresh
     };
-    // Hex digits and hyphens: always a valid header value (taken over without a copy).
-    let value = HeaderValue::try_from(telemetry::traceparent_of(sc)).unwrap_or_else(|_| HeaderValue::from_static(""));
+    // Hex digits and hyphens: always a valid header value.
+    let value =
+        HeaderValue::from_bytes(&telemetry::traceparent_bytes(sc)).unwrap_or_else(|_| HeaderValue::from_static(""));
     (value, sc.trace_id())
 }
 

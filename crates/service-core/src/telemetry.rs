@@ -301,6 +301,12 @@ pub fn is_valid_traceparent(v: &str) -> bool {
 
 /// The remote context of an HTTP request's `traceparent` (empty when absent or malformed).
 pub fn extract_http(headers: &http::HeaderMap) -> Context {
+    const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+    // Most requests carry none: no propagator, no name parsed from text, no copy of the thread's current
+    // context (the propagator's answer without a parent; nothing here ever attaches one).
+    if !headers.contains_key(TRACEPARENT) {
+        return Context::new();
+    }
     TraceContextPropagator::new().extract(&HeaderExtractor(headers))
 }
 
@@ -323,15 +329,26 @@ pub fn traceparent(cx: &Context) -> Option<String> {
 /// not through `format!` (the edge makes one for every request; `{:032x}` of the ids cost it ~1,500
 /// instructions).
 pub fn traceparent_of(sc: &SpanContext) -> String {
-    let mut out = Vec::with_capacity(55);
-    out.extend_from_slice(b"00-");
-    write_hex(&mut out, &sc.trace_id().to_bytes());
-    out.push(b'-');
-    write_hex(&mut out, &sc.span_id().to_bytes());
-    out.push(b'-');
-    write_hex(&mut out, &[sc.trace_flags().to_u8()]);
     // ASCII by construction.
-    String::from_utf8(out).unwrap_or_default()
+    String::from_utf8(traceparent_bytes(sc).to_vec()).unwrap_or_default()
+}
+
+/// [`traceparent_of`] into a fixed array: no allocation, no capacity checks (the edge makes one per request).
+pub fn traceparent_bytes(sc: &SpanContext) -> [u8; 55] {
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex_into(&mut out[3..35], &sc.trace_id().to_bytes());
+    hex_into(&mut out[36..52], &sc.span_id().to_bytes());
+    hex_into(&mut out[53..55], &[sc.trace_flags().to_u8()]);
+    out
+}
+
+/// `bytes` in lower-case hex into `out` (twice as long).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 15)];
+    }
 }
 
 /// `bytes` in lower-case hex, appended to `out` (trace and span ids in headers and log lines).
@@ -401,6 +418,8 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("traceparent", http::HeaderValue::from_static(tp));
         assert_eq!(extract_http(&headers).span().span_context().span_id().to_string(), "00f067aa0ba902b7");
+        assert_eq!(traceparent(&extract_http(&headers)).as_deref(), Some(tp), "written back as it came");
+        assert!(!extract_http(&http::HeaderMap::new()).span().span_context().is_valid(), "no header: no parent");
     }
 
     #[test]
