@@ -1,4 +1,5 @@
-//! Decision cost of the rate limiter: one hot key, and keys spread over 1M, on 1 and 2 threads.
+//! Decision cost of the rate limiter: one hot key, and keys spread over 1M, on 1 and 2 threads; one key through
+//! two zones.
 //! Memory per tracked key is printed once (measured from the process's resident set).
 
 use std::sync::Arc;
@@ -43,6 +44,16 @@ fn decisions(c: &mut Criterion) {
             });
         }
     }
+    // Two zones on one route: both shards are locked together for the decision (`limits::Locked`).
+    let (a, b) = (Zone::new(nginx_default(), 1_000_000), Zone::new(Params::new(10, 1, 50, Some(0)), 1_000_000));
+    g.bench_function(BenchmarkId::new("two_zones_one_key", 1), |bench| {
+        let mut i = 0u64;
+        bench.iter(|| {
+            i += 1;
+            let limits = [Limit { zone: &a, key: 7, dry_run: false }, Limit { zone: &b, key: 7, dry_run: false }];
+            std::hint::black_box(decide(&limits, i / 1000))
+        })
+    });
     g.finish();
 }
 
