@@ -18,7 +18,10 @@ mod tls;
 mod wire;
 
 /// mimalloc, not glibc's malloc: measured in `loadtest/edge-bench`, glibc's heap fragments under HTTP/2 load and
-/// every later request costs ~10% more CPU (mimalloc: none), HTTP/2 itself is ~10% cheaper, for ~15 MiB more RSS.
+/// every later request costs ~10% more CPU (mimalloc: none), HTTP/2 itself is ~10% cheaper. Built without its
+/// transparent-huge-page advice (the workspace enables the crate's `no_thp`): it advised huge pages on its arenas,
+/// so every 2 MiB region it touched became resident whole (RSS under HTTP/1.1 load 46 -> 33 MiB). Only the
+/// rate-limit zone tables ask for huge pages now (see `limits::table`), which is where they pay.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -117,37 +120,6 @@ fn per_zone(
 /// Buckets (seconds) of the request and upstream latency histograms.
 const LATENCY_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
-/// No transparent huge pages for this process, unless `MIMALLOC_ALLOW_THP` is set (mimalloc's own switch, then
-/// in charge): mimalloc asks the kernel for huge pages on its arenas (`madvise`), so every 2 MiB region it
-/// touches becomes resident whole. Measured (release, HTTP/1.1 keep-alive, one thread, 4 rounds A/B): RSS under
-/// load 46.5 -> 31.5 MiB, CPU per request 72.1 -> 70.7 us (the bare proxy, same setting: 30.4 -> 24.9 MiB).
-///
-/// Set from a constructor that runs before all others (priority 100; the C default is 65535), so before
-/// mimalloc's own, which reserves and touches its first arena: from `main` the first arena's huge pages stayed
-/// (32 MiB instead of 27 under load). The flag holds for the whole process and its children. The result (0, or
-/// the errno) is kept for `main` to log.
-#[cfg(target_os = "linux")]
-#[used]
-#[unsafe(link_section = ".init_array.00100")]
-static THP_OFF_AT_LOAD: extern "C" fn() = thp_off_at_load;
-
-/// `prctl`'s errno when it failed, 0 when it worked or was not asked for.
-static THP_OFF_ERRNO: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
-
-#[cfg(target_os = "linux")]
-extern "C" fn thp_off_at_load() {
-    // No allocation here: the allocator is not set up yet. `getenv` reads the environment in place.
-    // SAFETY: the name is a NUL-terminated literal; nothing writes the environment while constructors run.
-    if !unsafe { libc::getenv(c"MIMALLOC_ALLOW_THP".as_ptr()) }.is_null() {
-        return;
-    }
-    // SAFETY: PR_SET_THP_DISABLE only sets a flag on this process; no memory is passed.
-    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
-        // SAFETY: errno of this thread, read right after the failed call.
-        THP_OFF_ERRNO.store(unsafe { *libc::__errno_location() }, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config: Config = service_core::config::load(cli.config.as_deref(), "EDGE_")?;
@@ -166,11 +138,6 @@ fn main() -> anyhow::Result<()> {
     }
     // Pingora's server ends the process with `exit`: nothing would flush a background writer's queue.
     let _logs = service_core::logging::init(&config.log, service_core::logging::Writer::Inline);
-    match THP_OFF_ERRNO.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => {}
-        errno => tracing::warn!(error = %std::io::Error::from_raw_os_error(errno),
-            "could not disable transparent huge pages: the RSS will be higher"),
-    }
     let tracing = service_core::telemetry::init("edge")?;
     let initial_policy = policy::load_dir(&config.policy.dir)
         .map_err(|e| anyhow::anyhow!("invalid rate-limit policy, refusing to start:\n{e}"))?;

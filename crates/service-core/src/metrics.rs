@@ -107,8 +107,8 @@ impl Metrics {
     }
 
     /// A histogram recorded on a hot path (every request), kept out of the OpenTelemetry SDK: the SDK hashes each
-    /// call's attributes with SipHash and looks them up under a lock (about a thousand instructions a call, 2% of
-    /// the edge's work per request for its three per-request instruments); here a call is a hash of the label
+    /// call's attributes with SipHash and looks them up under a lock (about a thousand instructions a call, ~3%
+    /// of the edge's work per request for its three per-request instruments); here a call is a hash of the label
     /// values (FNV) and a few atomic adds. It lands in the same registry, under its full Prometheus `name` (with
     /// the unit's suffix, as the exporter would write it), with the two labels the exporter puts on every point
     /// (`otel_scope_name`, `service_name`): dashboards and alerts cannot tell the difference.

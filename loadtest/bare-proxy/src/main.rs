@@ -4,26 +4,9 @@
 //!
 //! `bare-proxy LISTEN UPSTREAM CERT KEY [THREADS]`, e.g. `bare-proxy 127.0.0.1:9443 127.0.0.1:9080 cert.pem key.pem 1`
 
-/// The edge's allocator (see the edge's `main`): the floor is measured with the same one.
+/// The edge's allocator, built the same way (see the edge's `main`): the floor is measured with the same one.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// The edge's memory setting too (see its `THP_OFF_AT_LOAD`): no transparent huge pages unless
-/// `MIMALLOC_ALLOW_THP` is set, from a constructor that runs before mimalloc's.
-#[cfg(target_os = "linux")]
-#[used]
-#[unsafe(link_section = ".init_array.00100")]
-static THP_OFF_AT_LOAD: extern "C" fn() = thp_off_at_load;
-
-#[cfg(target_os = "linux")]
-extern "C" fn thp_off_at_load() {
-    // SAFETY: a NUL-terminated literal; nothing writes the environment while constructors run.
-    if unsafe { libc::getenv(c"MIMALLOC_ALLOW_THP".as_ptr()) }.is_null() {
-        // SAFETY: PR_SET_THP_DISABLE only sets a flag on this process. A failure leaves the default (a benchmark
-        // binary: the edge logs it).
-        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-    }
-}
 
 use async_trait::async_trait;
 use pingora::listeners::tls::TlsSettings;
