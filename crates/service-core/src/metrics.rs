@@ -120,19 +120,24 @@ impl Metrics {
         labels: &[&str],
     ) -> Result<HistogramVec, MetricsError> {
         let opts = prometheus::HistogramOpts::new(name, help).const_labels(self.exporter_labels()).buckets(buckets);
-        let register = |e| MetricsError::Register(name.to_owned(), e);
-        let histogram = HistogramVec::new(opts, labels).map_err(register)?;
-        self.registry.register(Box::new(histogram.clone())).map_err(register)?;
-        Ok(histogram)
+        self.register(name, HistogramVec::new(opts, labels))
     }
 
     /// A counter for a hot path, as [`Metrics::hot_histogram`] (`name` ends in `_total`).
     pub fn hot_counter(&self, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
         let opts = prometheus::Opts::new(name, help).const_labels(self.exporter_labels());
-        let register = |e| MetricsError::Register(name.to_owned(), e);
-        let counter = IntCounterVec::new(opts, labels).map_err(register)?;
-        self.registry.register(Box::new(counter.clone())).map_err(register)?;
-        Ok(counter)
+        self.register(name, IntCounterVec::new(opts, labels))
+    }
+
+    /// Registers a hot-path instrument `name` just built (or the error building it).
+    fn register<C>(&self, name: &str, built: Result<C, prometheus::Error>) -> Result<C, MetricsError>
+    where
+        C: prometheus::core::Collector + Clone + 'static,
+    {
+        let error = |e| MetricsError::Register(name.to_owned(), e);
+        let collector = built.map_err(error)?;
+        self.registry.register(Box::new(collector.clone())).map_err(error)?;
+        Ok(collector)
     }
 
     /// The labels the OpenTelemetry exporter adds to every point of this service's meter.

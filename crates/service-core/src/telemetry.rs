@@ -353,10 +353,9 @@ fn hex_into(out: &mut [u8], bytes: &[u8]) {
 
 /// `bytes` in lower-case hex, appended to `out` (trace and span ids in headers and log lines).
 pub fn write_hex(out: &mut Vec<u8>, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for &b in bytes {
-        out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
-    }
+    let start = out.len();
+    out.resize(start + 2 * bytes.len(), 0);
+    hex_into(&mut out[start..], bytes);
 }
 
 /// The ids that logs of a span carry (`trace_id`, `span_id` in hex), empty when the context has no valid span.

@@ -9,7 +9,8 @@ pub mod algorithm;
 mod table;
 pub mod zone;
 
-pub use zone::{Key, Locked, Zone};
+use zone::Locked;
+pub use zone::{Key, Zone};
 
 use algorithm::Verdict;
 use smallvec::{SmallVec, smallvec};
