@@ -49,6 +49,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def make_cert(work: Path) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate for localhost and 127.0.0.1 in `work`: (certificate, key)."""
+    cert, key = work / "cert.pem", work / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-days", "2", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def edge_environment(port: int, admin: int, upstream: int, cert: Path, key: Path, policies: Path,
+                     work: Path) -> dict:
+    """The edge's settings here: one thread, one upstream, the policies in `policies`, warnings only."""
+    return {
+        "EDGE_LISTEN": f"127.0.0.1:{port}", "EDGE_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+        "EDGE_THREADS": "1", "EDGE_UPSTREAM__ADDRESS": f"127.0.0.1:{upstream}",
+        "EDGE_UPSTREAM__HEALTH__PORT": "0", "EDGE_TLS__CERT_PATH": str(cert), "EDGE_TLS__KEY_PATH": str(key),
+        "EDGE_POLICY__DIR": str(policies), "EDGE_UPGRADE_SOCK": str(work / f"upgrade-{port}.sock"),
+        # nginx has no limit_conn here; 64 connections x 10 streams would exceed the default 100.
+        "EDGE_LIMITS__MAX_REQUESTS_PER_CLIENT": "0", "RUST_LOG": "warn",
+    }
+
+
+def wait_ready(admin_port: int, timeout: float = 20.0) -> None:
+    """Until the edge's `/readyz` answers 200: it takes requests once its upstream passed a health check."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if subprocess.run(["curl", "-sf", f"http://127.0.0.1:{admin_port}/readyz"],
+                              capture_output=True).returncode == 0:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+
+
 def wait_port(port: int, timeout: float = 20.0) -> None:
     import socket
 
@@ -246,10 +281,7 @@ def main() -> int:
         if not shutil.which(tool):
             sys.exit(f"edge_bench: {tool} is missing (scripts/prereqs installs it)")
     work = Path(tempfile.mkdtemp(prefix="edge-bench-"))
-    cert, key = work / "cert.pem", work / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                    "-days", "2", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    cert, key = make_cert(work)
     (work / "body.txt").write_text(BODY)
     ports = {k: free_port() for k in ["upstream", "nginx", "bare", "edge", "edge_admin"]}
     procs: list[Proc] = []
@@ -282,28 +314,12 @@ def main() -> int:
         (policies / "bench.toml").write_text(
             '[zones.bench]\nrate = "1000000r/s"\nburst = 1000000\nmode = "nodelay"\n'
             '[[routes]]\nname = "all"\npath_prefix = "/"\nzones = ["bench"]\n')
-        edge_env = {
-            "EDGE_LISTEN": f"127.0.0.1:{ports['edge']}", "EDGE_ADMIN_LISTEN": f"127.0.0.1:{ports['edge_admin']}",
-            "EDGE_THREADS": "1", "EDGE_UPSTREAM__ADDRESS": f"127.0.0.1:{ports['upstream']}",
-            "EDGE_UPSTREAM__HEALTH__PORT": "0", "EDGE_TLS__CERT_PATH": str(cert), "EDGE_TLS__KEY_PATH": str(key),
-            "EDGE_POLICY__DIR": str(policies), "EDGE_UPGRADE_SOCK": str(work / "upgrade.sock"),
-            # nginx has no limit_conn here; 64 connections x 10 streams would exceed the default 100.
-            "EDGE_LIMITS__MAX_REQUESTS_PER_CLIENT": "0", "RUST_LOG": "warn",
-        }
+        edge_env = edge_environment(ports["edge"], ports["edge_admin"], ports["upstream"], cert, key, policies, work)
         edge = Proc("edge", [str(bin_dir / "edge")], work / "edge-access.log", env=edge_env, core=PROXY_CORE)
         procs.append(edge)
         for name in ["upstream", "nginx", "bare", "edge"]:
             wait_port(ports[name])
-        # The edge takes requests once its upstream passed a health check.
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                if subprocess.run(["curl", "-sf", f"http://127.0.0.1:{ports['edge_admin']}/readyz"],
-                                  capture_output=True).returncode == 0:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
+        wait_ready(ports["edge_admin"])
         nginx_worker = max(tree(nginx.p.pid))  # the worker (the master only waits)
         targets = {
             "nginx": (nginx_worker, f"https://127.0.0.1:{ports['nginx']}/"),
@@ -365,9 +381,11 @@ def report_perf(perf: subprocess.Popen, data: Path, target: str) -> None:
 
 
 def median(runs: list[dict]) -> dict:
-    """The run with the median req/s (its other figures with it)."""
+    """The run with the median req/s (its other figures with it), with the peak RSS of all the runs: memory
+    grows over a run (nginx's worker measured 12 MiB in its first round and 17 in the later ones), and the
+    median run by req/s may be a first one."""
     ordered = sorted(runs, key=lambda r: r["rps"])
-    return ordered[len(ordered) // 2]
+    return {**ordered[len(ordered) // 2], "rss_mib": max(r["rss_mib"] for r in runs)}
 
 
 def report(results: dict) -> None:
