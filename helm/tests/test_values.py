@@ -101,6 +101,16 @@ def test_edge_limits_reach_the_edge_environment():
     assert env["EDGE_LIMITS__MAX_BODY_BYTES"] == "1048576"
 
 
+def test_edge_runtime_model_reaches_the_edge_environment():
+    for values, expected in [({}, "false"), ({"edge": {"workStealing": True}}, "true")]:
+        r = chartlib.render("default", values)
+        name = next(o.name for o in r.kind("Deployment") if o.name.endswith("-edge"))
+        assert r.get("ConfigMap", name + "-env").doc["data"]["EDGE_WORK_STEALING"] == expected
+    with pytest.raises(helm.HelmValuesError) as e:
+        chartlib.render("default", {"edge": {"workStealing": "sometimes"}})
+    assert "/edge/workStealing" in str(e.value)
+
+
 def test_policy_files_override_by_name():
     r = chartlib.render("openshift-keda")
     cm = next(o for o in r.kind("ConfigMap") if o.name.endswith("-policies"))
