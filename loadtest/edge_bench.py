@@ -382,8 +382,8 @@ def report_perf(perf: subprocess.Popen, data: Path, target: str) -> None:
 
 def median(runs: list[dict]) -> dict:
     """The run with the median req/s (its other figures with it), with the peak RSS of all the runs: memory
-    grows over a run (nginx's worker measured 12 MiB in its first round and 17 in the later ones), and the
-    median run by req/s may be a first one."""
+    grows over a run (nginx's worker measured 12 MiB in its first HTTP/1.1 round, 14-17 in later ones), and
+    the median run by req/s may be a first one."""
     ordered = sorted(runs, key=lambda r: r["rps"])
     return {**ordered[len(ordered) // 2], "rss_mib": max(r["rss_mib"] for r in runs)}
 
