@@ -71,17 +71,19 @@ def edge_environment(port: int, admin: int, upstream: int, cert: Path, key: Path
     }
 
 
-def wait_ready(admin_port: int, timeout: float = 20.0) -> None:
-    """Until the edge's `/readyz` answers 200: it takes requests once its upstream passed a health check."""
+def wait_ready(admin_port: int, timeout: float = 20.0) -> bool:
+    """Until the edge's `/readyz` answers 200 (it takes requests once its upstream passed a health check); False
+    when it did not within `timeout`."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             if subprocess.run(["curl", "-sf", f"http://127.0.0.1:{admin_port}/readyz"],
                               capture_output=True).returncode == 0:
-                return
+                return True
         except OSError:
             pass
         time.sleep(0.2)
+    return False
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
