@@ -187,6 +187,20 @@ def start_nginx(work: Path, name: str, conf: Path, core: str) -> Proc:
                 work / f"{name}.log", core=core)
 
 
+def start_upstream(work: Path, port: int) -> Proc:
+    """The upstream every proxy forwards to: an nginx answering BODY to any request, on the load's core."""
+    conf = nginx_conf(work, "upstream",
+                      f"server {{ listen 127.0.0.1:{port}; access_log off; "
+                      f"location / {{ default_type text/plain; return 200 '{BODY[:-1]}\\n'; }} }}")
+    return start_nginx(work, "upstream", conf, LOAD_CORE)
+
+
+def start_bare(bin_dir: Path, work: Path, port: int, upstream: int, cert: Path, key: Path) -> Proc:
+    """The bare Pingora proxy from `bin_dir`, one thread, on the proxies' core."""
+    return Proc("bare", [str(bin_dir / "bare-proxy"), f"127.0.0.1:{port}", f"127.0.0.1:{upstream}", str(cert),
+                         str(key), "1"], work / "bare.log", core=PROXY_CORE)
+
+
 def ms(v: str | None) -> float:
     """A latency as wrk and h2load print it (`850.00us`, `1.23ms`, `2.00s`) in milliseconds."""
     m = re.match(r"([\d.]+)(us|ms|s)", v or "")
@@ -288,10 +302,7 @@ def main() -> int:
     ports = {k: free_port() for k in ["upstream", "nginx", "bare", "edge", "edge_admin"]}
     procs: list[Proc] = []
     try:
-        up = nginx_conf(work, "upstream",
-                        f"server {{ listen 127.0.0.1:{ports['upstream']}; access_log off; "
-                        f"location / {{ default_type text/plain; return 200 '{BODY[:-1]}\\n'; }} }}")
-        procs.append(start_nginx(work, "upstream", up, LOAD_CORE))
+        procs.append(start_upstream(work, ports["upstream"]))
         proxy = nginx_conf(
             work, "nginx",
             f"""server {{
@@ -307,9 +318,7 @@ def main() -> int:
             f"  upstream up {{ server 127.0.0.1:{ports['upstream']}; keepalive 64; }}")
         nginx = start_nginx(work, "nginx", proxy, PROXY_CORE)
         procs.append(nginx)
-        bare = Proc("bare", [str(bin_dir / "bare-proxy"), f"127.0.0.1:{ports['bare']}",
-                             f"127.0.0.1:{ports['upstream']}", str(cert), str(key), "1"],
-                    work / "bare.log", core=PROXY_CORE)
+        bare = start_bare(bin_dir, work, ports["bare"], ports["upstream"], cert, key)
         procs.append(bare)
         policies = work / "policies"
         policies.mkdir()

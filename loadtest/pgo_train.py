@@ -95,13 +95,8 @@ def main() -> int:
     procs: list[eb.Proc] = []
     failed = False
     try:
-        up = eb.nginx_conf(work, "upstream",
-                           f"server {{ listen 127.0.0.1:{ports['upstream']}; access_log off; "
-                           f"location / {{ default_type text/plain; return 200 '{eb.BODY[:-1]}\\n'; }} }}")
-        procs.append(eb.start_nginx(work, "upstream", up, eb.LOAD_CORE))
-        bare = eb.Proc("bare", [str(bins / "bare-proxy"), f"127.0.0.1:{ports['bare']}",
-                                f"127.0.0.1:{ports['upstream']}", str(cert), str(key), "1"],
-                       work / "bare.log", core=eb.PROXY_CORE)
+        procs.append(eb.start_upstream(work, ports["upstream"]))
+        bare = eb.start_bare(bins, work, ports["bare"], ports["upstream"], cert, key)
         procs.append(bare)
         policies = work / "policies"
         policies.mkdir()
