@@ -221,14 +221,15 @@ fn main() -> anyhow::Result<()> {
         // few: the upstream's answer, the keep-alive wait). Only timeouts under a second (a `connect_timeout_ms`
         // below 1000, say) stay Pingora's.
         fast_timeout_to_tokio_threshold_seconds: Some(0),
-        // The trust store of Pingora's upstream connectors. The edge speaks plain HTTP to its gateways
-        // (`HttpPeer::new(.., false, ..)` in `proxy.rs`), so that store is never consulted; without a `ca_file`
-        // Pingora loads the system's CA bundle (~140 certificates) into it once more for each of its two connectors
-        // (HTTP/1, HTTP/2), on top of the load that the openssl crate's `SslConnector::builder` does. The edge's own
-        // certificate file, read and checked above, is a small valid PEM to give it instead: 0.9 MiB less heap for
-        // the process's life and 0.9 MiB less code resident (heaptrack, `/proc/PID/status` at idle). Upstream TLS,
-        // if it is ever added, brings its own trust setting.
-        ca_file: Some(cert.to_string_lossy().into_owned()),
+        // The trust store of Pingora's upstream connectors, which the edge never consults: it speaks plain HTTP
+        // to its gateways (`HttpPeer::new(.., false, ..)` in `proxy.rs`). Without a `ca_file` Pingora exports
+        // `SSL_CERT_FILE` (found by openssl-probe) for the whole process and parses the system's CA bundle (~140
+        // certificates) into each of its two connectors (HTTP/1, HTTP/2), where the vendored OpenSSL alone would
+        // load none: 2.4 MiB of memory for the process's life (bare proxy, idle, `/proc/PID/status`). Given the
+        // edge's own certificate file instead, it loads that; a shell that sets `SSL_CERT_FILE` itself still
+        // has the openssl crate's `SslConnector::builder` load the bundle (not configurable). Upstream TLS, if it
+        // is ever added, brings its own trust setting: with this store it would fail closed.
+        ca_file: Some(tls::upstream_trust_file(&cert)?),
         ..ServerConf::default()
     };
     let opt = Opt { upgrade: cli.upgrade, ..Opt::default() };

@@ -150,6 +150,18 @@ pub fn resolve_files(config: &TlsConfig) -> Result<(PathBuf, PathBuf), TlsError>
     }
 }
 
+/// The file to give Pingora as its upstream connectors' trust store (`ServerConf::ca_file`, see `main`): the
+/// edge's own certificate file, checked here by the same OpenSSL call Pingora makes with it, which Pingora unwraps
+/// (a file OpenSSL cannot load would end the process in a panic instead of this error).
+pub fn upstream_trust_file(cert: &Path) -> Result<String, TlsError> {
+    let path = cert
+        .to_str()
+        .ok_or_else(|| TlsError::Load(format!("the certificate's path {} is not UTF-8", cert.display())))?;
+    let mut ctx = openssl::ssl::SslContext::builder(openssl::ssl::SslMethod::tls())?;
+    ctx.set_ca_file(path).map_err(|e| TlsError::Load(format!("{path} as a trust store: {e}")))?;
+    Ok(path.to_owned())
+}
+
 /// Listener settings serving the pairs of `store`.
 pub fn settings(store: Arc<CertStore>) -> Result<TlsSettings, TlsError> {
     let mut tls = TlsSettings::with_callbacks(Box::new(Callbacks(store))).map_err(|e| TlsError::Load(e.to_string()))?;
@@ -238,6 +250,16 @@ mod tests {
         assert!(settings(store).is_ok());
         ensure_dev_cert(dir.path()).expect("again");
         assert_eq!(first, fs::read(&cert).expect("read"), "an existing certificate is kept");
+    }
+
+    #[test]
+    fn the_upstream_trust_file_is_checked_as_pingora_loads_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = ensure_dev_cert(dir.path()).expect("generate");
+        assert_eq!(upstream_trust_file(&cert).expect("a certificate file loads"), cert.to_str().expect("utf-8"));
+        // A file OpenSSL finds no certificate in (here the key alone) is an error, where Pingora would panic.
+        let err = upstream_trust_file(&key).expect_err("a key is no trust store");
+        assert!(err.to_string().contains("as a trust store"), "{err}");
     }
 
     #[test]
