@@ -14,8 +14,9 @@ and the upstream directly (plain HTTP: the ceiling of the load generator and the
 Loads: HTTP/1.1 keep-alive (wrk -c64), HTTP/2 (h2load -c64 -m10), a new connection and TLS handshake per
 request (wrk -c64 with Connection: close). For each: req/s, latency p50/p99 (h2load: mean and max), CPU
 seconds of the proxy per 100k requests (from /proc) and its peak RSS. Rounds alternate the targets. The tables
-show each target's median round; a ratio is the median over rounds of the two targets' figures in the same round
-(they ran back to back, so a slow stretch of this shared machine moves both), RSS the ratio of the peaks.
+show each target's median round; a ratio is the median over the rounds of the ratio of the two targets' figures in
+the same round (they ran back to back, so a slow stretch of this shared machine moves both), RSS the ratio of the
+peaks.
 
 Usage (via loadtest/edge-bench, which builds the release binaries): edge_bench.py BIN_DIR [SECONDS] [ROUNDS]
 A subset for a quick look: LOADS=h1 TARGETS=bare,edge (comma-separated; PROFILE=1 adds perf reports; COUNT=1
@@ -410,7 +411,7 @@ def median(runs: list[dict]) -> dict:
 
 def paired(results: dict, a: str, b: str, load: str, key: str) -> float:
     """The median over rounds of `a`'s figure over `b`'s in the same round."""
-    return statistics.median(x[key] / y[key] for x, y in zip(results[(a, load)], results[(b, load)]))
+    return statistics.median(x[key] / y[key] for x, y in zip(results[(a, load)], results[(b, load)], strict=True))
 
 
 def report(results: dict) -> None:
