@@ -4,5 +4,6 @@
 pub mod client;
 pub mod limiter;
 pub mod limits;
+pub mod openssl_alloc;
 pub mod policy;
 pub mod upstream;

@@ -130,6 +130,8 @@ const CLIENT_READ_BUFFER: usize = 17 * 1024;
 const LATENCY_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 fn main() -> anyhow::Result<()> {
+    // Before anything can make OpenSSL allocate (the configuration may generate a development certificate).
+    let openssl_on_mimalloc = edge::openssl_alloc::use_mimalloc();
     let cli = Cli::parse();
     let config: Config = service_core::config::load(cli.config.as_deref(), "EDGE_")?;
     if let Some(Cmd::Check { policies }) = cli.cmd {
@@ -147,6 +149,9 @@ fn main() -> anyhow::Result<()> {
     }
     // Pingora's server ends the process with `exit`: nothing would flush a background writer's queue.
     let _logs = service_core::logging::init(&config.log, service_core::logging::Writer::Inline);
+    if !openssl_on_mimalloc {
+        tracing::warn!("OpenSSL allocated before main: its allocations stay with glibc's malloc");
+    }
     let tracing = service_core::telemetry::init("edge")?;
     let initial_policy = policy::load_dir(&config.policy.dir)
         .map_err(|e| anyhow::anyhow!("invalid rate-limit policy, refusing to start:\n{e}"))?;

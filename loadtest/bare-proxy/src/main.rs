@@ -8,6 +8,10 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+// OpenSSL's allocations through mimalloc, as the edge's (the same file).
+#[path = "../../../edge/src/openssl_alloc.rs"]
+mod openssl_alloc;
+
 use async_trait::async_trait;
 use pingora::listeners::tls::TlsSettings;
 use pingora::prelude::{HttpPeer, Opt, ProxyHttp, Result, Session};
@@ -30,6 +34,7 @@ impl ProxyHttp for Bare {
 }
 
 fn main() -> anyhow::Result<()> {
+    anyhow::ensure!(openssl_alloc::use_mimalloc(), "OpenSSL allocated before main");
     let args: Vec<String> = std::env::args().collect();
     let [_, listen, upstream, cert, key, rest @ ..] = args.as_slice() else {
         anyhow::bail!("usage: bare-proxy LISTEN UPSTREAM CERT KEY [THREADS]");

@@ -1,0 +1,29 @@
+//! OpenSSL's allocations land in mimalloc once `use_mimalloc` ran first (`openssl_alloc_late.rs`: not when
+//! OpenSSL allocated before). Its own test binary: nothing else in it touches OpenSSL first.
+
+use std::ffi::{c_char, c_int, c_void};
+
+unsafe extern "C" {
+    fn CRYPTO_malloc(size: usize, file: *const c_char, line: c_int) -> *mut c_void;
+    fn CRYPTO_free(block: *mut c_void, file: *const c_char, line: c_int);
+    // mimalloc's C library, linked in whole (libmimalloc-sys declares it only with its `extended` feature).
+    fn mi_is_in_heap_region(p: *const c_void) -> bool;
+}
+
+#[test]
+fn openssl_allocates_from_mimalloc_once_switched() {
+    assert!(edge::openssl_alloc::use_mimalloc(), "nothing allocated through OpenSSL before this test");
+    // SAFETY: OpenSSL's allocator functions, used as documented; the block is freed by the same allocator.
+    unsafe {
+        let block = CRYPTO_malloc(100, c"test".as_ptr(), 0);
+        assert!(!block.is_null());
+        assert!(mi_is_in_heap_region(block), "OpenSSL's block is not in mimalloc's heap");
+        CRYPTO_free(block, c"test".as_ptr(), 0);
+    }
+    // A real OpenSSL object round trip through the new functions.
+    let key = openssl::ec::EcKey::generate(
+        &openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1).expect("curve"),
+    )
+    .expect("a P-256 key");
+    assert!(key.check_key().is_ok());
+}

@@ -1,0 +1,23 @@
+//! Once OpenSSL has allocated through glibc's malloc, `use_mimalloc` refuses (a block from one allocator must not
+//! reach the other's free) and OpenSSL stays with glibc's malloc. Its own test binary, as `openssl_alloc.rs`.
+
+use std::ffi::{c_char, c_int, c_void};
+
+unsafe extern "C" {
+    fn CRYPTO_malloc(size: usize, file: *const c_char, line: c_int) -> *mut c_void;
+    fn CRYPTO_free(block: *mut c_void, file: *const c_char, line: c_int);
+    fn mi_is_in_heap_region(p: *const c_void) -> bool;
+}
+
+#[test]
+fn the_switch_is_refused_once_openssl_has_allocated() {
+    openssl::init(); // OpenSSL sets itself up, allocating through glibc's malloc
+    assert!(!edge::openssl_alloc::use_mimalloc(), "OpenSSL allocated already");
+    // SAFETY: OpenSSL's allocator functions, used as documented; the block is freed by the allocator it came from.
+    unsafe {
+        let block = CRYPTO_malloc(100, c"test".as_ptr(), 0);
+        assert!(!block.is_null());
+        assert!(!mi_is_in_heap_region(block), "OpenSSL still allocates with glibc's malloc");
+        CRYPTO_free(block, c"test".as_ptr(), 0);
+    }
+}
