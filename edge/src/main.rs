@@ -131,7 +131,8 @@ const LATENCY_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 
 fn main() -> anyhow::Result<()> {
     // Before anything can make OpenSSL allocate (the configuration may generate a development certificate).
-    let openssl_on_mimalloc = edge::openssl_alloc::use_mimalloc();
+    // SAFETY: the process has one thread yet.
+    let openssl_on_mimalloc = unsafe { edge::openssl_alloc::use_mimalloc() };
     let cli = Cli::parse();
     let config: Config = service_core::config::load(cli.config.as_deref(), "EDGE_")?;
     if let Some(Cmd::Check { policies }) = cli.cmd {

@@ -39,7 +39,14 @@ unsafe extern "C" fn free(block: *mut c_void, _: *const c_char, _: c_int) {
 
 /// Routes OpenSSL's allocations to mimalloc; false when OpenSSL has allocated through glibc's malloc already (it
 /// then keeps it, and nothing changes). Call first thing in `main`.
-pub fn use_mimalloc() -> bool {
-    // SAFETY: the three functions match OpenSSL's prototypes and stay valid for the process's life.
+///
+/// # Safety
+/// No other thread may exist yet: OpenSSL keeps its allocator in plain statics, and a thread inside
+/// `CRYPTO_malloc` while they change could hand a glibc block to mimalloc's free. (OpenSSL's refusal after its
+/// first allocation does not cover an aligned allocation made first; its own initialisation always makes a plain
+/// one first.)
+pub unsafe fn use_mimalloc() -> bool {
+    // SAFETY: the three functions match OpenSSL's prototypes and stay valid for the process's life; the caller
+    // guarantees that no other thread is in OpenSSL.
     unsafe { CRYPTO_set_mem_functions(Some(malloc), Some(realloc), Some(free)) == 1 }
 }

@@ -5,6 +5,7 @@ use std::ffi::{c_char, c_int, c_void};
 
 unsafe extern "C" {
     fn CRYPTO_malloc(size: usize, file: *const c_char, line: c_int) -> *mut c_void;
+    fn CRYPTO_realloc(block: *mut c_void, size: usize, file: *const c_char, line: c_int) -> *mut c_void;
     fn CRYPTO_free(block: *mut c_void, file: *const c_char, line: c_int);
     // mimalloc's C library, linked in whole (libmimalloc-sys declares it only with its `extended` feature).
     fn mi_is_in_heap_region(p: *const c_void) -> bool;
@@ -12,13 +13,24 @@ unsafe extern "C" {
 
 #[test]
 fn openssl_allocates_from_mimalloc_once_switched() {
-    assert!(edge::openssl_alloc::use_mimalloc(), "nothing allocated through OpenSSL before this test");
-    // SAFETY: OpenSSL's allocator functions, used as documented; the block is freed by the same allocator.
+    // SAFETY: this test binary's only test; nothing else runs OpenSSL.
+    assert!(unsafe { edge::openssl_alloc::use_mimalloc() }, "nothing allocated through OpenSSL before this test");
+    let at = c"test".as_ptr();
+    // SAFETY: OpenSSL's allocator functions, used as documented; every block is freed by the same allocator.
     unsafe {
-        let block = CRYPTO_malloc(100, c"test".as_ptr(), 0);
+        let block = CRYPTO_malloc(100, at, 0);
         assert!(!block.is_null());
         assert!(mi_is_in_heap_region(block), "OpenSSL's block is not in mimalloc's heap");
-        CRYPTO_free(block, c"test".as_ptr(), 0);
+        // OpenSSL's own semantics kept: growing keeps the contents; no block for zero bytes; realloc to zero frees.
+        block.cast::<u8>().write_bytes(0xab, 100);
+        let grown = CRYPTO_realloc(block, 64 * 1024, at, 0);
+        assert!(mi_is_in_heap_region(grown));
+        assert!(std::slice::from_raw_parts(grown.cast::<u8>(), 100).iter().all(|b| *b == 0xab));
+        assert!(CRYPTO_realloc(grown, 0, at, 0).is_null());
+        assert!(CRYPTO_malloc(0, at, 0).is_null());
+        let fresh = CRYPTO_realloc(std::ptr::null_mut(), 32, at, 0);
+        assert!(mi_is_in_heap_region(fresh), "realloc of null allocates");
+        CRYPTO_free(fresh, at, 0);
     }
     // A real OpenSSL object round trip through the new functions.
     let key = openssl::ec::EcKey::generate(

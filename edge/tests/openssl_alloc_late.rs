@@ -12,7 +12,8 @@ unsafe extern "C" {
 #[test]
 fn the_switch_is_refused_once_openssl_has_allocated() {
     openssl::init(); // OpenSSL sets itself up, allocating through glibc's malloc
-    assert!(!edge::openssl_alloc::use_mimalloc(), "OpenSSL allocated already");
+    // SAFETY: this test binary's only test; nothing else runs OpenSSL.
+    assert!(!unsafe { edge::openssl_alloc::use_mimalloc() }, "OpenSSL allocated already");
     // SAFETY: OpenSSL's allocator functions, used as documented; the block is freed by the allocator it came from.
     unsafe {
         let block = CRYPTO_malloc(100, c"test".as_ptr(), 0);

@@ -34,7 +34,8 @@ impl ProxyHttp for Bare {
 }
 
 fn main() -> anyhow::Result<()> {
-    anyhow::ensure!(openssl_alloc::use_mimalloc(), "OpenSSL allocated before main");
+    // SAFETY: the process has one thread yet.
+    anyhow::ensure!(unsafe { openssl_alloc::use_mimalloc() }, "OpenSSL allocated before main");
     let args: Vec<String> = std::env::args().collect();
     let [_, listen, upstream, cert, key, rest @ ..] = args.as_slice() else {
         anyhow::bail!("usage: bare-proxy LISTEN UPSTREAM CERT KEY [THREADS]");
