@@ -1,15 +1,9 @@
 //! OpenSSL's allocations land in mimalloc once `use_mimalloc` ran first (`openssl_alloc_late.rs`: not when
 //! OpenSSL allocated before). Its own test binary: nothing else in it touches OpenSSL first.
 
-use std::ffi::{c_char, c_int, c_void};
-
-unsafe extern "C" {
-    fn CRYPTO_malloc(size: usize, file: *const c_char, line: c_int) -> *mut c_void;
-    fn CRYPTO_realloc(block: *mut c_void, size: usize, file: *const c_char, line: c_int) -> *mut c_void;
-    fn CRYPTO_free(block: *mut c_void, file: *const c_char, line: c_int);
-    // mimalloc's C library, linked in whole (libmimalloc-sys declares it only with its `extended` feature).
-    fn mi_is_in_heap_region(p: *const c_void) -> bool;
-}
+#[path = "support/openssl_ffi.rs"]
+mod ffi;
+use ffi::*;
 
 #[test]
 fn openssl_allocates_from_mimalloc_once_switched() {

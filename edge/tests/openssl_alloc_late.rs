@@ -1,13 +1,9 @@
 //! Once OpenSSL has allocated through glibc's malloc, `use_mimalloc` refuses (a block from one allocator must not
 //! reach the other's free) and OpenSSL stays with glibc's malloc. Its own test binary, as `openssl_alloc.rs`.
 
-use std::ffi::{c_char, c_int, c_void};
-
-unsafe extern "C" {
-    fn CRYPTO_malloc(size: usize, file: *const c_char, line: c_int) -> *mut c_void;
-    fn CRYPTO_free(block: *mut c_void, file: *const c_char, line: c_int);
-    fn mi_is_in_heap_region(p: *const c_void) -> bool;
-}
+#[path = "support/openssl_ffi.rs"]
+mod ffi;
+use ffi::*;
 
 #[test]
 fn the_switch_is_refused_once_openssl_has_allocated() {
