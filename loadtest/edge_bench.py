@@ -365,11 +365,15 @@ def main() -> int:
                     results.setdefault((target, load), []).append(r)
                     print(f"round {rnd} {load:4} {target:8} {json.dumps({k: round(v, 2) for k, v in r.items()})}",
                           flush=True)
+        # What each proxy keeps once the load has stopped: the edge hands memory that has been free for the
+        # allocator's purge delay (1 s) back to the OS; see `Housekeeping` in its `main`.
+        time.sleep(3)
+        idle = {target: rss_mib(pid) for target, (pid, _) in targets.items()}
         for load in [l for l in ["h1", "conn"] if l in loads]:
             r = measure("upstream", None, f"http://127.0.0.1:{ports['upstream']}/", load, secs)
             results[("upstream", load)] = [r]
             print(f"upstream {load:4} {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
-        report(results)
+        report(results, idle)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -414,7 +418,7 @@ def paired(results: dict, a: str, b: str, load: str, key: str) -> float:
     return statistics.median(x[key] / y[key] for x, y in zip(results[(a, load)], results[(b, load)], strict=True))
 
 
-def report(results: dict) -> None:
+def report(results: dict, idle: dict) -> None:
     med = {k: median(v) for k, v in results.items()}
     names = {"h1": "HTTP/1.1 keep-alive", "h2": "HTTP/2 (h2load -m10)", "conn": "new connection per request"}
     print("\n| load | target | req/s | p50 ms | p99 ms | CPU s / 100k req | peak RSS MiB | errors |")
@@ -426,6 +430,7 @@ def report(results: dict) -> None:
                 print(f"| {names[load]} | {target} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | "
                       f"{r['cpu_per_100k']:.2f} | {r['rss_mib']:.0f} | {r['errors']} |")
     print("\n(h2load reports mean and max latency: they stand in the p50 and p99 columns for HTTP/2.)")
+    print("\nRSS 3 s after the last round, idle: " + ", ".join(f"{t} {v:.1f} MiB" for t, v in idle.items()))
     if any((t, l) not in med for t in ["nginx", "bare", "edge"] for l in ["h1", "h2", "conn"]):
         print("\n(ratios and targets need every target and load: run without LOADS / TARGETS)")
         if ("edge", "h1") in med and ("bare", "h1") in med:

@@ -90,17 +90,26 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
-/// Writes the buffered access log lines every 100 ms, through the drain too (the last ones are written when
-/// the server has stopped).
-struct AccessLogFlush;
+/// Every 100 ms, through the drain too: writes the buffered access log lines (the last ones are written when
+/// the server has stopped), and hands back to the OS the memory the allocator has held unused for its purge
+/// delay.
+///
+/// mimalloc returns freed memory to the OS (`MADV_DONTNEED`) only once it has been free for `purge_delay`
+/// (1 s), and only when a thread calls into it after that; the proxy thread that freed it sits idle after a
+/// burst. So the memory of a burst of HTTP/2 streams stayed resident until the next burst: 22.9 MiB anonymous
+/// 2 s after an HTTP/2 load against 9.0 after HTTP/1.1 (`/proc/PID/smaps_rollup`). `mi_collect(false)` from
+/// this thread does the purges that are due, for the whole process; when none is, it costs a clock read.
+struct Housekeeping;
 
 #[async_trait]
-impl pingora::services::background::BackgroundService for AccessLogFlush {
+impl pingora::services::background::BackgroundService for Housekeeping {
     async fn start(&self, _shutdown: pingora::server::ShutdownWatch) {
         let mut every = tokio::time::interval(Duration::from_millis(100));
         loop {
             every.tick().await;
             access_log::flush();
+            // SAFETY: no preconditions; it touches only the allocator's own state, under its own locks.
+            unsafe { libmimalloc_sys::mi_collect(false) };
         }
     }
 }
@@ -381,7 +390,7 @@ fn main() -> anyhow::Result<()> {
             reloads: cert_reloads,
         },
     ));
-    server.add_service(background_service("access-log", AccessLogFlush));
+    server.add_service(background_service("housekeeping", Housekeeping));
     server.add_service(background_service(
         "admin",
         admin::AdminService { listener: Mutex::new(Some(admin_listener)), state: AdminState { readiness, metrics } },
