@@ -97,8 +97,9 @@ impl ShutdownSignalWatch for Signals {
 /// mimalloc returns freed memory to the OS (`MADV_DONTNEED`) only once it has been free for `purge_delay`
 /// (1 s), and only when a thread calls into it after that; the proxy thread that freed it sits idle after a
 /// burst. So the memory of a burst of HTTP/2 streams stayed resident until the next burst: 22.9 MiB anonymous
-/// 2 s after an HTTP/2 load against 9.0 after HTTP/1.1 (`/proc/PID/smaps_rollup`). `mi_collect(false)` from
-/// this thread does the purges that are due, for the whole process; when none is, it costs a clock read.
+/// 2 s after an HTTP/2 load against 9.0 after HTTP/1.1 (`/proc/PID/smaps_rollup`; 8.0 with this).
+/// `mi_collect(false)` from this thread does the purges that are due, for the whole process; when none is, it
+/// costs a clock read.
 struct Housekeeping;
 
 #[async_trait]
