@@ -8,6 +8,6 @@ unsafe extern "C" {
     #[allow(dead_code)] // used by one of the two test binaries
     pub fn CRYPTO_realloc(block: *mut c_void, size: usize, file: *const c_char, line: c_int) -> *mut c_void;
     pub fn CRYPTO_free(block: *mut c_void, file: *const c_char, line: c_int);
-    // mimalloc's C library, linked in whole (libmimalloc-sys declares it only with its `extended` feature).
-    pub fn mi_is_in_heap_region(p: *const c_void) -> bool;
 }
+
+pub use libmimalloc_sys::mi_is_in_heap_region;
