@@ -1,6 +1,7 @@
 //! The edge's protective limits, each with its answer and the connection state a client sees: heads with too
 //! many or too large header fields (431), a slowloris client that never completes its head (closed while
-//! other clients are served), a client that stalls its body (408, and the instance is not blamed), requests in
+//! other clients are served), a kept-alive connection left idle (closed after `keepalive_timeout_secs`, not while
+//! in use), a client that stalls its body (408, and the instance is not blamed), requests in
 //! flight per client (429), and the global connection cap (closed before TLS), with the connection and
 //! handshake metrics.
 
@@ -35,6 +36,28 @@ fn tls_connect(port: u16, ca: &Path) -> anyhow::Result<openssl::ssl::SslStream<T
     let tcp = TcpStream::connect(("127.0.0.1", port))?;
     tcp.set_read_timeout(Some(Duration::from_secs(15)))?;
     Ok(builder.build().connect("localhost", tcp)?)
+}
+
+/// One HTTP/1.1 response read off `tls` (head and a `Content-Length` body): its status line.
+fn read_response(tls: &mut openssl::ssl::SslStream<TcpStream>) -> anyhow::Result<String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).into_owned();
+            let length = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>()))
+                .transpose()?
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return Ok(head.lines().next().unwrap_or_default().to_owned());
+            }
+        }
+        let n = tls.read(&mut buf)?;
+        anyhow::ensure!(n > 0, "the connection closed mid-response");
+        got.extend_from_slice(&buf[..n]);
+    }
 }
 
 async fn metrics(stack: &Stack) -> anyhow::Result<String> {
@@ -131,6 +154,44 @@ async fn a_slowloris_client_is_cut_off_while_other_clients_are_served() -> anyho
     assert!(served >= 10, "only {served} normal requests meanwhile");
     let m = metrics(&stack).await?;
     assert_eq!(metric(&m, "edge_connections_closed_total", &["reason=\"header_timeout\""]), 2.0, "{m}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_closes_when_idle_for_keepalive_timeout_and_not_while_in_use() -> anyhow::Result<()> {
+    // A header timeout far above the keep-alive one: the idle close must come from the latter alone.
+    let stack =
+        edge_stack(&[("EDGE_LIMITS__KEEPALIVE_TIMEOUT_SECS", "2"), ("EDGE_LIMITS__HEADER_TIMEOUT_SECS", "30")]).await?;
+    let ca = stack.tls_dir().join("dev-cert.pem");
+    let port = stack.ports.edge;
+    let idle = tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
+        let mut tls = tls_connect(port, &ca)?;
+        // A pause before the first request: the edge first sees a new connection that sent nothing (its
+        // deadline is then the header timeout's, 30 s), which must not delay the keep-alive one later.
+        std::thread::sleep(Duration::from_millis(300));
+        // In use for 4 s, twice the keep-alive timeout, with pauses shorter than it: never closed.
+        for i in 0..5 {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(900));
+            }
+            tls.write_all(format!("GET /v1/kept/{i} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())?;
+            let status = read_response(&mut tls)?;
+            anyhow::ensure!(status.starts_with("HTTP/1.1 200"), "request {i}: {status}");
+        }
+        // Then idle: closed by the edge (end of stream) after about 2 s.
+        let start = Instant::now();
+        let mut buf = [0u8; 64];
+        let n = tls.read(&mut buf)?;
+        anyhow::ensure!(n == 0, "the idle connection got {n} bytes");
+        Ok(start.elapsed())
+    })
+    .await??;
+    assert!(
+        idle >= Duration::from_millis(1500) && idle <= Duration::from_secs(4),
+        "idle connection closed after {idle:?}"
+    );
+    let m = metrics(&stack).await?;
+    assert_eq!(metric(&m, "edge_connections_closed_total", &["reason=\"idle\""]), 1.0, "{m}");
     Ok(())
 }
 

@@ -48,16 +48,16 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most header fields in a request: more gets `431`.
     pub max_headers: usize,
-    /// Time a new connection has, once its TLS handshake is done, to send a complete request head, and a
-    /// kept-alive one beyond its idle time: then it is closed without an answer, as nginx does. (The handshake
-    /// itself has Pingora's fixed 60 s.)
+    /// Time a new connection has, once its TLS handshake is done, to send its first complete request head: then
+    /// it is closed without an answer, as nginx does. (The handshake itself has Pingora's fixed 60 s.)
     pub header_timeout_secs: u64,
     /// Longest pause between two reads of a request body (HTTP/1.1): then `408` and the connection closed.
     /// Keep it below `upstream.read_timeout_ms`.
     pub body_timeout_secs: u64,
     /// Longest pause while writing a response to the client.
     pub send_timeout_secs: u64,
-    /// How long an idle connection is kept open for another request.
+    /// How long a connection is kept open after a request for another: its next complete request head must
+    /// come within it, else it is closed without an answer.
     pub keepalive_timeout_secs: u64,
     /// Requests in flight per client key (the rate limits' client address); more get `429`. 0: no limit.
     pub max_requests_per_client: u32,

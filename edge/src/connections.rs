@@ -11,13 +11,17 @@
 //! their peer address (unique among live connections to one listener).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use edge::limits::Key;
+use futures_util::task::AtomicWaker;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
 use pingora::apps::ServerApp;
@@ -33,7 +37,9 @@ pub struct Settings {
     pub max_connections: u64,
     /// For a new connection's first request head.
     pub header_timeout: Duration,
-    /// Added to `header_timeout` once a connection has served a request (its idle time before the next).
+    /// For a kept-alive connection's next complete request head, from the end of its last request. The edge's
+    /// only keep-alive deadline: Pingora's own (a runtime timer armed on every idle read, created and dropped
+    /// per request) is off.
     pub keepalive_timeout: Duration,
     /// Requests in flight per client key; 0: no limit.
     pub max_requests_per_client: u32,
@@ -119,21 +125,26 @@ impl Connections {
     }
 
     /// Resolves when `conn` has gone without a request in flight for longer than allowed; names why.
+    ///
+    /// Nothing wakes it when a request starts or ends (that would cost every request); instead it never sleeps
+    /// past a deadline that a request ending meanwhile could set: a request that ends at `e` gives the connection
+    /// until `e + keepalive_timeout`, and `e` is after the sleep began, so no sleep is longer than
+    /// `keepalive_timeout` unless the connection is idle and already served (its deadline can then only move
+    /// later). While requests are in flight that is one timer per `keepalive_timeout`.
     async fn deadline(&self, conn: &Conn) -> &'static str {
+        let keepalive = self.settings.keepalive_timeout;
         loop {
             let served = conn.served.load(Ordering::Acquire);
-            let limit = if served {
-                self.settings.header_timeout + self.settings.keepalive_timeout
-            } else {
-                self.settings.header_timeout
-            };
             if conn.in_flight.load(Ordering::Acquire) > 0 {
-                tokio::time::sleep(limit.min(Duration::from_secs(1))).await;
+                tokio::time::sleep(keepalive).await;
                 continue;
             }
+            let limit = if served { keepalive } else { self.settings.header_timeout };
             let idle = Duration::from_millis(self.now_ms().saturating_sub(conn.idle_since_ms.load(Ordering::Acquire)));
             match limit.checked_sub(idle) {
-                Some(left) if !left.is_zero() => tokio::time::sleep(left).await,
+                Some(left) if !left.is_zero() => {
+                    tokio::time::sleep(if served { left } else { left.min(keepalive) }).await;
+                }
                 _ => return if served { "idle" } else { "header_timeout" },
             }
         }
@@ -279,9 +290,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Tracked<A> {
             self.conns.established.fetch_add(1, Ordering::AcqRel);
             self.conns.metrics.handshakes.add(1, &[KeyValue::new("result", "ok")]);
         }
-        tokio::select! {
-            kept = self.inner.process_new(stream, shutdown) => kept,
-            reason = self.conns.deadline(&conn) => {
+        let serve = self.inner.process_new(stream, shutdown);
+        match UntilDeadline::new(serve, Box::pin(self.conns.deadline(&conn))).await {
+            Ended::Served(kept) => kept,
+            Ended::Deadline(reason) => {
                 self.conns.metrics.closed.add(1, &[KeyValue::new("reason", reason)]);
                 tracing::info!(reason, "closed a connection that sent no complete request in time");
                 None
@@ -292,5 +304,103 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Tracked<A> {
     async fn cleanup(&self) {
         // The proxy's cleanup wakes kept-alive connections waiting for a request when the server stops.
         self.inner.cleanup().await;
+    }
+}
+
+/// How a connection raced against its deadline ended.
+enum Ended<S, D> {
+    Served(S),
+    Deadline(D),
+}
+
+/// `serve` until it ends, or `deadline` if that comes first. As `tokio::select!`, except that `deadline` is
+/// polled only when its own timer woke the task (and on the first poll): the connection's task wakes about four
+/// times per request, and `select!` polled the timer each time (~120 instructions, plus a random draw).
+struct UntilDeadline<S, D> {
+    serve: S,
+    deadline: D,
+    wake: Arc<DeadlineWake>,
+    waker: Waker,
+    first: bool,
+}
+
+/// The deadline's waker: marks it due, then wakes the task.
+#[derive(Default)]
+struct DeadlineWake {
+    due: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for DeadlineWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.due.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<S: Future + Unpin, D: Future + Unpin> UntilDeadline<S, D> {
+    fn new(serve: S, deadline: D) -> Self {
+        let wake = Arc::new(DeadlineWake::default());
+        let waker = Waker::from(wake.clone());
+        Self { serve, deadline, wake, waker, first: true }
+    }
+}
+
+impl<S: Future + Unpin, D: Future + Unpin> Future for UntilDeadline<S, D> {
+    type Output = Ended<S::Output, D::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Poll::Ready(v) = Pin::new(&mut this.serve).poll(cx) {
+            return Poll::Ready(Ended::Served(v));
+        }
+        // The task's waker first: a timer firing after the check below still wakes the task.
+        this.wake.task.register(cx.waker());
+        if std::mem::take(&mut this.first) || this.wake.due.swap(false, Ordering::AcqRel) {
+            let mut own = TaskContext::from_waker(&this.waker);
+            if let Poll::Ready(v) = Pin::new(&mut this.deadline).poll(&mut own) {
+                return Poll::Ready(Ended::Deadline(v));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_ends_a_connection_that_is_not_done() {
+        let serve = Box::pin(std::future::pending::<()>());
+        let deadline = Box::pin(async {
+            // A deadline that re-arms once, as `Connections::deadline` does while a request is in flight.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            "idle"
+        });
+        let start = tokio::time::Instant::now();
+        let ended = UntilDeadline::new(serve, deadline).await;
+        assert!(matches!(ended, Ended::Deadline("idle")));
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_ends_first_is_served() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let _ = tx.send(7);
+        });
+        let deadline = Box::pin(async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            "idle"
+        });
+        let ended = UntilDeadline::new(rx, deadline).await;
+        assert!(matches!(ended, Ended::Served(Ok(7))));
     }
 }

@@ -1,5 +1,6 @@
 //! The rate-limit phase of a request: ask the limiter, record the decision, then reject (problem+json with
-//! `Retry-After` and the IETF `RateLimit` headers), delay (a timer, no thread held), or let the request through.
+//! `Retry-After` and the IETF `RateLimit` headers), delay (a timer, no thread held), or let the request through
+//! (the proxy's `request_filter` acts on the [`Next`] step).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use edge::limits::ZoneOutcome;
 use http::{HeaderName, HeaderValue};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Histogram;
-use pingora::prelude::{Result, Session};
+use pingora::prelude::Session;
 use service_core::metrics::IntCounterVec;
 use service_core::problem::Problem;
 use service_core::telemetry::{self, Context, TraceContextExt as _};
@@ -40,20 +41,28 @@ pub struct Applied {
     pub route: Option<Arc<str>>,
 }
 
-/// Runs the limiter for `session`, whose client (derived with `active`'s trusted proxies) is `client`. Returns
-/// `Ok(true)` when the request was answered (rejected) here.
+/// What the request does after the limiter: go on at once, after a wait, or get `problem` as its answer.
+pub enum Next {
+    Pass,
+    Delay(Duration),
+    Reject { problem: Box<Problem>, headers: Vec<(HeaderName, HeaderValue)> },
+}
+
+/// Runs the limiter for `session`, whose client (derived with `active`'s trusted proxies) is `client`, and
+/// records the decision. Not async: the rare waits and answers are the caller's, out of line, so that the
+/// request filter's future (allocated and moved on every request) stays small.
 #[allow(clippy::too_many_arguments)]
-pub async fn apply(
+pub fn apply(
     limiter: &Arc<Limiter>,
     metrics: &LimitMetrics,
-    session: &mut Session,
+    session: &Session,
     request_id: &str,
     applied: &mut Applied,
     trace: &Context,
     active: Arc<Active>,
     client: Option<IpAddr>,
-) -> Result<bool> {
-    let Some(client) = client else { return Ok(false) };
+) -> Next {
+    let Some(client) = client else { return Next::Pass };
     let verdict = {
         let req = session.req_header();
         let get = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -65,7 +74,7 @@ pub async fn apply(
         };
         limiter.check_client(active, &info, client)
     };
-    let Some(verdict) = verdict else { return Ok(false) };
+    let Some(verdict) = verdict else { return Next::Pass };
     applied.route = verdict.active.policy.routes.get(verdict.route).map(|r| r.name.clone());
     record(metrics, &verdict);
     annotate(trace, &verdict);
@@ -95,8 +104,7 @@ pub async fn apply(
             .with("zone", serde_json::json!(&*spec.name));
         let mut headers: Vec<_> = applied.headers.to_vec();
         headers.push((http::header::RETRY_AFTER, HeaderValue::from(retry_secs)));
-        crate::respond::problem(session, &problem, request_id, &headers).await?;
-        return Ok(true);
+        return Next::Reject { problem: Box::new(problem), headers };
     }
     if verdict.decision.delay_ms > 0 {
         let span = trace.span();
@@ -106,9 +114,9 @@ pub async fn apply(
                 vec![KeyValue::new("edge.rate_limit.delay_ms", verdict.decision.delay_ms as i64)],
             );
         }
-        tokio::time::sleep(Duration::from_millis(verdict.decision.delay_ms)).await;
+        return Next::Delay(Duration::from_millis(verdict.decision.delay_ms));
     }
-    Ok(false)
+    Next::Pass
 }
 
 fn record(metrics: &LimitMetrics, verdict: &Verdict) {
