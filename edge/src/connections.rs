@@ -38,8 +38,8 @@ pub struct Settings {
     /// For a new connection's first request head.
     pub header_timeout: Duration,
     /// For a kept-alive connection's next complete request head, from the end of its last request. The edge's
-    /// only keep-alive deadline: Pingora's own (a runtime timer armed on every idle read, created and dropped
-    /// per request) is off.
+    /// only keep-alive deadline for HTTP/1.1: Pingora's own (a runtime timer armed on every idle read, created
+    /// and dropped per request) is off. HTTP/2 has Pingora's idle timeout, set to the same value.
     pub keepalive_timeout: Duration,
     /// Requests in flight per client key; 0: no limit.
     pub max_requests_per_client: u32,
@@ -131,23 +131,38 @@ impl Connections {
     /// until `e + keepalive_timeout`, and `e` is after the sleep began, so no sleep is longer than
     /// `keepalive_timeout` unless the connection is idle and already served (its deadline can then only move
     /// later). While requests are in flight that is one timer per `keepalive_timeout`.
-    async fn deadline(&self, conn: &Conn) -> &'static str {
+    ///
+    /// `h2`: the connection's idleness is Pingora's to close (see `Tracked`); its deadline once served is
+    /// `header_timeout + keepalive_timeout`, a backstop.
+    async fn deadline(&self, conn: &Conn, h2: bool) -> &'static str {
         let keepalive = self.settings.keepalive_timeout;
+        let served_limit = if h2 { self.settings.header_timeout + keepalive } else { keepalive };
         loop {
             let served = conn.served.load(Ordering::Acquire);
             if conn.in_flight.load(Ordering::Acquire) > 0 {
                 tokio::time::sleep(keepalive).await;
                 continue;
             }
-            let limit = if served { keepalive } else { self.settings.header_timeout };
+            let limit = if served { served_limit } else { self.settings.header_timeout };
             let idle = Duration::from_millis(self.now_ms().saturating_sub(conn.idle_since_ms.load(Ordering::Acquire)));
             match limit.checked_sub(idle) {
                 Some(left) if !left.is_zero() => {
                     tokio::time::sleep(if served { left } else { left.min(keepalive) }).await;
                 }
-                _ => return if served { "idle" } else { "header_timeout" },
+                _ => break,
             }
         }
+        // Counted here, before the caller drops (and so closes) the connection: a client that sees the close
+        // finds it counted.
+        let reason = if conn.served.load(Ordering::Acquire) { "idle" } else { "header_timeout" };
+        self.metrics.closed.add(1, &[KeyValue::new("reason", reason)]);
+        if reason == "idle" {
+            // The usual end of a kept-alive connection.
+            tracing::debug!(reason, "closed an idle kept-alive connection");
+        } else {
+            tracing::info!(reason, "closed a connection that sent no complete request in time");
+        }
+        reason
     }
 }
 
@@ -290,14 +305,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Tracked<A> {
             self.conns.established.fetch_add(1, Ordering::AcqRel);
             self.conns.metrics.handshakes.add(1, &[KeyValue::new("result", "ok")]);
         }
+        // HTTP/2: Pingora's idle timeout (`keepalive_timeout_secs` too) closes an idle connection, and it counts a
+        // stream as busy from its acceptance, before the stream's task reaches `early_request_filter`; the
+        // watchdog's keep-alive deadline would race it at the same instant. It stays a backstop there.
+        let h2 = matches!(stream.selected_alpn_proto(), Some(pingora::protocols::ALPN::H2));
         let serve = self.inner.process_new(stream, shutdown);
-        match UntilDeadline::new(serve, Box::pin(self.conns.deadline(&conn))).await {
+        // The stream is closed when `serve` is dropped, after the deadline counted the close (`deadline`).
+        match UntilDeadline::new(serve, Box::pin(self.conns.deadline(&conn, h2))).await {
             Ended::Served(kept) => kept,
-            Ended::Deadline(reason) => {
-                self.conns.metrics.closed.add(1, &[KeyValue::new("reason", reason)]);
-                tracing::info!(reason, "closed a connection that sent no complete request in time");
-                None
-            }
+            Ended::Deadline(_) => None,
         }
     }
 
