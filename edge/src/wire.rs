@@ -55,13 +55,27 @@ pub fn write_u64(out: &mut Vec<u8>, n: u64) {
 pub fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, c, d] = v4.octets();
-            for (i, octet) in [a, b, c, d].into_iter().enumerate() {
+            // Into a stack buffer, one copy out (three addresses per request: a number written at a time cost
+            // ~250 instructions an address).
+            let mut text = [0u8; 15];
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push(b'.');
+                    text[len] = b'.';
+                    len += 1;
                 }
-                write_u64(out, u64::from(octet));
+                if octet >= 100 {
+                    text[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    text[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                text[len] = b'0' + octet % 10;
+                len += 1;
             }
+            out.extend_from_slice(&text[..len]);
         }
         IpAddr::V6(v6) => {
             let _ = write!(out, "{v6}");
@@ -86,6 +100,16 @@ pub fn write_addr(out: &mut Vec<u8>, addr: SocketAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_ipv4_octet_reads_as_display_writes_it() {
+        for octet in 0..=255u8 {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::new(octet, 0, 255 - octet, octet / 3));
+            let mut out = Vec::new();
+            write_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string().as_bytes());
+        }
+    }
 
     #[test]
     fn strings_read_back_as_they_were() {
@@ -120,7 +144,7 @@ mod tests {
             write_u64(&mut out, n);
             assert_eq!(out, n.to_string().as_bytes());
         }
-        for ip in ["0.0.0.0", "255.255.255.255", "10.20.3.4", "2001:db8::1", "::ffff:1.2.3.4"] {
+        for ip in ["0.0.0.0", "255.255.255.255", "10.20.3.4", "100.9.10.199", "2001:db8::1", "::ffff:1.2.3.4"] {
             let ip: IpAddr = ip.parse().expect("ip");
             let mut out = Vec::new();
             write_ip(&mut out, ip);
