@@ -114,3 +114,37 @@ async fn an_upgrade_hands_the_socket_over_without_failing_a_request() -> anyhow:
     assert!(served.is_ok());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_request_is_served_not_refused_while_the_first_health_check_runs() -> anyhow::Result<()> {
+    let stack =
+        Stack::start(StackOptions { gateway: false, workers: false, edge: false, ..StackOptions::default() }).await?;
+    let _echo = testkit::echo::start(stack.ports.gateway).await?;
+    // A slow health endpoint: the edge's first check of its only instance takes 1.5 s. Until it is done the
+    // instance is out of rotation, so the edge must not take requests yet (they would get 503).
+    let _edge = stack.spawn_edge(
+        "edge",
+        &[],
+        &[
+            ("EDGE_UPSTREAM__HEALTH__PATH", "/readyz?delay_ms=1500".into()),
+            ("EDGE_UPSTREAM__HEALTH__TIMEOUT_MS", "5000".into()),
+        ],
+    )?;
+    let start = Instant::now();
+    // The first request goes out as soon as the edge has written its certificate and its port takes connections.
+    let status = loop {
+        let answer = match stack.https_client() {
+            Ok(client) => {
+                client.get(format!("{}/v1/first", stack.edge_url())).send().await.map_err(anyhow::Error::from)
+            }
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(r) => break r.status(),
+            Err(_) if start.elapsed() < Duration::from_secs(30) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(e) => return Err(e),
+        }
+    };
+    assert_eq!(status, 200, "the first request, {:?} after start", start.elapsed());
+    Ok(())
+}

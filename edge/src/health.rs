@@ -1,6 +1,6 @@
 //! The upstream pool's background work, as a Pingora background service: resolving the servers again every
 //! `resolve_interval_secs` and checking every instance every `health.interval_ms`; the readiness check `upstream`
-//! is true while at least one instance is in rotation.
+//! is true while at least one instance is in rotation. The proxy waits for the first round (see `main`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use edge::upstream::{Discovery, Pool};
 use pingora::server::ShutdownWatch;
+use pingora::services::ServiceReadyNotifier;
 use pingora::services::background::BackgroundService;
 use service_core::admin::Readiness;
 use tokio::sync::Mutex;
@@ -32,13 +33,9 @@ impl UpstreamWatch {
         self.pool.check_all().await;
         self.readiness.set("upstream", self.pool.any_available());
     }
-}
 
-#[async_trait]
-impl BackgroundService for UpstreamWatch {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        self.resolve().await;
-        self.check().await;
+    /// Resolves and checks again, every interval, until shutdown.
+    async fn watch(&self, mut shutdown: ShutdownWatch) {
         let mut resolve = tokio::time::interval(self.resolve_every);
         let mut check = tokio::time::interval(self.check_every);
         for t in [&mut resolve, &mut check] {
@@ -52,5 +49,17 @@ impl BackgroundService for UpstreamWatch {
                 _ = check.tick() => self.check().await,
             }
         }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for UpstreamWatch {
+    /// Ready (the proxy, which depends on this service, starts accepting) after the first resolution and
+    /// health check, whatever they found: with every instance down the proxy answers 503 at once.
+    async fn start_with_ready_notifier(&self, shutdown: ShutdownWatch, ready: ServiceReadyNotifier) {
+        self.resolve().await;
+        self.check().await;
+        ready.notify_ready();
+        self.watch(shutdown).await;
     }
 }

@@ -354,7 +354,7 @@ fn main() -> anyhow::Result<()> {
             .tls(tls_settings)
             .l4_buffer(L4BufferSettings { read: Some(CLIENT_READ_BUFFER), write: None }),
     );
-    server.add_service(service);
+    let proxy = server.add_service(service);
     if let Some(addr) = config.redirect.listen {
         let mut redirect = pingora::services::listening::Service::new(
             "https-redirect".to_owned(),
@@ -373,7 +373,10 @@ fn main() -> anyhow::Result<()> {
             reloads,
         },
     ));
-    server.add_service(background_service(
+    // The proxy accepts only once the upstream pool has been resolved and checked once: its instances start out
+    // of rotation, and a request in between would get 503 (at start, and in a binary upgrade right after the old
+    // process handed its sockets over; connections wait in the listen backlog meanwhile).
+    let upstream_watch = server.add_service(background_service(
         "upstream",
         health::UpstreamWatch {
             pool,
@@ -383,6 +386,7 @@ fn main() -> anyhow::Result<()> {
             readiness: readiness.clone(),
         },
     ));
+    proxy.add_dependency(&upstream_watch);
     server.add_service(background_service(
         "tls-reload",
         reload::CertReloader {
