@@ -148,7 +148,8 @@ impl ProxyHttp for EdgeProxy {
     }
 
     /// The awaits here are boxed (the refusals, a rate-limit delay or rejection): rare, and inline they made this
-    /// filter's future, which every request allocates and moves, ~2 KiB instead of ~200 bytes.
+    /// filter's future, which every request allocates and moves, ~2 KiB (`-Zprint-type-sizes`: 1,968 bytes);
+    /// boxed, each is a pointer in it.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         ctx.request_id = session
             .req_header()
