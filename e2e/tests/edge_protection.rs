@@ -1,6 +1,6 @@
 //! The edge's protective limits, each with its answer and the connection state a client sees: heads with too
 //! many or too large header fields (431), a slowloris client that never completes its head (closed while
-//! other clients are served), a kept-alive connection left idle (closed after `keepalive_timeout_secs`, not while
+//! other clients are served), HTTP/1.0 without keep-alive (closed after the response), a kept-alive connection left idle (closed after `keepalive_timeout_secs`, not while
 //! in use), a client that stalls its body (408, and the instance is not blamed), requests in
 //! flight per client (429), and the global connection cap (closed before TLS), with the connection and
 //! handshake metrics.
@@ -201,6 +201,42 @@ async fn a_kept_alive_connection_closes_when_idle_for_keepalive_timeout_and_not_
     );
     let m = metrics(&stack).await?;
     assert_eq!(metric(&m, "edge_connections_closed_total", &["reason=\"idle\""]), 1.0, "{m}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_0_connections_close_after_the_response_unless_kept_alive() -> anyhow::Result<()> {
+    let stack = edge_stack(&[]).await?;
+    let ca = stack.tls_dir().join("dev-cert.pem");
+    let port = stack.ports.edge;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        // HTTP/1.0 without `Connection: keep-alive`: one response, then the edge closes (as nginx does).
+        let mut tls = tls_connect(port, &ca)?;
+        tls.get_ref().set_read_timeout(Some(Duration::from_secs(5)))?;
+        tls.write_all(b"GET /v1/old HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let status = read_response(&mut tls)?;
+        anyhow::ensure!(status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200"), "{status}");
+        let mut buf = [0u8; 64];
+        match tls.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => anyhow::bail!("{n} more bytes on a closed HTTP/1.0 exchange"),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                anyhow::bail!("the HTTP/1.0 connection was kept open: {e}")
+            }
+            Err(_) => {} // closed without close_notify
+        }
+        // With `Connection: keep-alive` it is kept for another request.
+        let mut tls = tls_connect(port, &ca)?;
+        for i in 0..2 {
+            tls.write_all(
+                format!("GET /v1/old/{i} HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n").as_bytes(),
+            )?;
+            let status = read_response(&mut tls)?;
+            anyhow::ensure!(status.contains(" 200"), "keep-alive request {i}: {status}");
+        }
+        Ok(())
+    })
+    .await??;
     Ok(())
 }
 

@@ -140,8 +140,13 @@ impl ProxyHttp for EdgeProxy {
         let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
         ctx._connection = self.conns.request_started(peer);
         let l = &self.limits;
-        let keepalive = if ctx._connection.is_some() { 0 } else { l.keepalive_timeout_secs.max(1) };
-        session.set_keepalive(Some(keepalive));
+        // Only where Pingora keeps the connection for another request (HTTP/1.1 unless `Connection: close`; HTTP/1.0
+        // only with `Connection: keep-alive`): setting it on an HTTP/1.0 request without it kept that connection
+        // open after the response, where the client expects the close.
+        if session.get_keepalive().is_some() {
+            let keepalive = if ctx._connection.is_some() { 0 } else { l.keepalive_timeout_secs.max(1) };
+            session.set_keepalive(Some(keepalive));
+        }
         session.set_read_timeout(Some(Duration::from_secs(l.body_timeout_secs.max(1))));
         session.set_write_timeout(Some(Duration::from_secs(l.send_timeout_secs.max(1))));
         Ok(())
