@@ -1,9 +1,9 @@
 //! The edge's protective limits, each with its answer and the connection state a client sees: heads with too
 //! many or too large header fields (431), a slowloris client that never completes its head (closed while
-//! other clients are served), HTTP/1.0 without keep-alive (closed after the response), a kept-alive connection left idle (closed after `keepalive_timeout_secs`, not while
-//! in use), a client that stalls its body (408, and the instance is not blamed), requests in
-//! flight per client (429), and the global connection cap (closed before TLS), with the connection and
-//! handshake metrics.
+//! other clients are served), HTTP/1.0 without keep-alive (closed after the response), a kept-alive connection
+//! left idle (closed after `keepalive_timeout_secs`, not while in use), a client that stalls its body (408, and
+//! the instance is not blamed), requests in flight per client (429), and the global connection cap (closed
+//! before TLS), with the connection and handshake metrics.
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
