@@ -124,7 +124,8 @@ impl Connections {
         Some(ClientGuard { conns: self.clone(), key })
     }
 
-    /// Resolves when `conn` has gone without a request in flight for longer than allowed; names why.
+    /// Resolves when `conn` has gone without a request in flight for longer than allowed, having counted and
+    /// logged why.
     ///
     /// Nothing wakes it when a request starts or ends (that would cost every request); instead it never sleeps
     /// past a deadline that a request ending meanwhile could set: a request that ends at `e` gives the connection
@@ -134,10 +135,10 @@ impl Connections {
     ///
     /// `h2`: the connection's idleness is Pingora's to close (see `Tracked`); its deadline once served is
     /// `header_timeout + keepalive_timeout`, a backstop.
-    async fn deadline(&self, conn: &Conn, h2: bool) -> &'static str {
+    async fn deadline(&self, conn: &Conn, h2: bool) {
         let keepalive = self.settings.keepalive_timeout;
         let served_limit = if h2 { self.settings.header_timeout + keepalive } else { keepalive };
-        loop {
+        let served = loop {
             let served = conn.served.load(Ordering::Acquire);
             if conn.in_flight.load(Ordering::Acquire) > 0 {
                 tokio::time::sleep(keepalive).await;
@@ -149,20 +150,19 @@ impl Connections {
                 Some(left) if !left.is_zero() => {
                     tokio::time::sleep(if served { left } else { left.min(keepalive) }).await;
                 }
-                _ => break,
+                _ => break served,
             }
-        }
+        };
         // Counted here, before the caller drops (and so closes) the connection: a client that sees the close
         // finds it counted.
-        let reason = if conn.served.load(Ordering::Acquire) { "idle" } else { "header_timeout" };
-        self.metrics.closed.add(1, &[KeyValue::new("reason", reason)]);
-        if reason == "idle" {
+        if served {
             // The usual end of a kept-alive connection.
-            tracing::debug!(reason, "closed an idle kept-alive connection");
+            self.metrics.closed.add(1, &[KeyValue::new("reason", "idle")]);
+            tracing::debug!(reason = "idle", "closed an idle kept-alive connection");
         } else {
-            tracing::info!(reason, "closed a connection that sent no complete request in time");
+            self.metrics.closed.add(1, &[KeyValue::new("reason", "header_timeout")]);
+            tracing::info!(reason = "header_timeout", "closed a connection that sent no complete request in time");
         }
-        reason
     }
 }
 
@@ -313,7 +313,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Tracked<A> {
         // The stream is closed when `serve` is dropped, after the deadline counted the close (`deadline`).
         match UntilDeadline::new(serve, Box::pin(self.conns.deadline(&conn, h2))).await {
             Ended::Served(kept) => kept,
-            Ended::Deadline(_) => None,
+            Ended::Deadline(()) => None,
         }
     }
 
