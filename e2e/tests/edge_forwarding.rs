@@ -51,6 +51,7 @@ async fn forwards_headers(work_stealing: &str) -> anyhow::Result<()> {
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     let seen: Value = resp.json().await?;
     assert_eq!(seen["headers"]["x-forwarded-host"][0], format!("127.0.0.1:{}", stack.ports.edge));
+    assert_eq!(seen["headers"]["x-forwarded-for"][0], "127.0.0.1", "no incoming chain: the peer alone: {seen}");
     assert!(seen["headers"]["x-request-id"][0].as_str().is_some_and(|id| !id.is_empty()), "generated: {seen}");
     Ok(())
 }

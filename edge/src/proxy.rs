@@ -53,6 +53,8 @@ pub struct RequestCtx {
     upstream_ms: Option<f64>,
     /// The trace id sent upstream in `traceparent`.
     trace_id: Option<TraceId>,
+    /// The request came with `X-Forwarded-For` (set by `request_filter`).
+    forwarded: bool,
     /// The body limit of the request's path, and the body bytes seen so far.
     body_limit: u64,
     body_seen: u64,
@@ -116,6 +118,7 @@ impl ProxyHttp for EdgeProxy {
             upstream_started: None,
             upstream_ms: None,
             trace_id: None,
+            forwarded: false,
             body_limit: u64::MAX,
             body_seen: 0,
             _connection: None,
@@ -185,10 +188,12 @@ impl ProxyHttp for EdgeProxy {
         }
         // Who the client is, once: the requests-in-flight limit and the rate limits key on it.
         let active = self.limiter.active();
-        let client = session.client_addr().and_then(|a| a.as_inet()).map(|peer| {
-            let chain = forwarded_chain(&session.req_header().headers);
-            edge::client::client_ip(peer.ip(), chain.as_deref(), &active.policy.client.trusted_proxies)
-        });
+        let chain = forwarded_chain(&session.req_header().headers);
+        ctx.forwarded = chain.is_some();
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|peer| edge::client::client_ip(peer.ip(), chain.as_deref(), &active.policy.client.trusted_proxies));
         ctx.limits.client = client;
         match self.client_slot(&active, client) {
             Ok(slot) => ctx._client_slot = slot,
@@ -353,7 +358,9 @@ impl ProxyHttp for EdgeProxy {
             headers.insert(X_FORWARDED_HOST, host);
         }
         let client_ip = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        if let Some(v) = forwarded_for(forwarded_chain(headers).as_deref(), client_ip) {
+        // Most requests come without `X-Forwarded-For` (`request_filter` looked): no second lookup for them.
+        let incoming = if ctx.forwarded { forwarded_chain(headers) } else { None };
+        if let Some(v) = forwarded_for(incoming.as_deref(), client_ip) {
             headers.insert(X_FORWARDED_FOR, v);
         }
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));

@@ -162,20 +162,19 @@ impl Pool {
     /// The next instance for a request, avoiding `tried` (instances this request already failed on); `None` when
     /// none is available.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<Lease> {
-        let now = self.now_ms();
-        let all = self.instances();
-        let candidates: Vec<&Arc<Instance>> =
-            all.iter().filter(|i| self.available(i, now) && !tried.contains(&i.addr)).collect();
-        if candidates.is_empty() {
+        // Under the read lock, with no copy of the list and no list of candidates (two allocations per request
+        // before), and the clock read only while some instance has been ejected.
+        let all = self.instances.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = if all.iter().any(|i| i.ejected_until_ms.load(Ordering::Acquire) != 0) { self.now_ms() } else { 0 };
+        let candidates = || all.iter().filter(move |i| self.available(i, now) && !tried.contains(&i.addr));
+        let n = candidates().count();
+        if n == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let chosen = match self.balance {
-            Balance::RoundRobin => candidates[start % candidates.len()],
-            Balance::LeastConn => {
-                let n = candidates.len();
-                (0..n).map(|k| candidates[(start + k) % n]).min_by_key(|i| i.in_flight())?
-            }
+            Balance::RoundRobin => candidates().nth(start)?,
+            Balance::LeastConn => candidates().cycle().skip(start).take(n).min_by_key(|i| i.in_flight())?,
         };
         chosen.active.fetch_add(1, Ordering::Relaxed);
         Some(Lease { instance: chosen.clone() })
