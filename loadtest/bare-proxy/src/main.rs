@@ -12,6 +12,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[path = "../../../edge/src/openssl_alloc.rs"]
 mod openssl_alloc;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use pingora::listeners::tls::TlsSettings;
 use pingora::prelude::{HttpPeer, Opt, ProxyHttp, Result, Session};
@@ -20,6 +22,10 @@ use pingora::server::configuration::ServerConf;
 
 struct Bare {
     upstream: String,
+    /// `BARE_PEER_TIMEOUTS=1`: the edge's default upstream timeouts (connect 1 s, read 30 s, idle 60 s). Pingora
+    /// arms a runtime timer for each (an upstream read that has to wait, a connection put back in the pool), which
+    /// the bare proxy without them never pays: with them it is the framework's floor as a production proxy runs it.
+    timeouts: bool,
 }
 
 #[async_trait]
@@ -29,7 +35,13 @@ impl ProxyHttp for Bare {
     fn new_ctx(&self) -> Self::CTX {}
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(self.upstream.as_str(), false, String::new())))
+        let mut peer = HttpPeer::new(self.upstream.as_str(), false, String::new());
+        if self.timeouts {
+            peer.options.connection_timeout = Some(Duration::from_secs(1));
+            peer.options.read_timeout = Some(Duration::from_secs(30));
+            peer.options.idle_timeout = Some(Duration::from_secs(60));
+        }
+        Ok(Box::new(peer))
     }
 }
 
@@ -61,7 +73,10 @@ fn main() -> anyhow::Result<()> {
     let mut tls = TlsSettings::intermediate(cert, key)?;
     let mut server = Server::new_with_opt_and_conf(Some(Opt::default()), conf);
     server.bootstrap();
-    let mut service = pingora::proxy::http_proxy_service(&server.configuration, Bare { upstream: upstream.clone() });
+    let mut service = pingora::proxy::http_proxy_service(
+        &server.configuration,
+        Bare { upstream: upstream.clone(), timeouts: std::env::var("BARE_PEER_TIMEOUTS").is_ok_and(|v| v == "1") },
+    );
     tls.enable_h2();
     service.add_tls_with_settings(listen, None, tls);
     server.add_service(service);
