@@ -7,7 +7,9 @@ a 221-byte body on plain HTTP, with the load generator on core 0):
          never rejects, access log to a file;
   bare   loadtest/bare-proxy: Pingora with no logic, the edge's TLS backend (OpenSSL), allocator (mimalloc) and runtime
          settings (a single-threaded runtime per thread, the runtime's timers; PINGORA_DEFAULTS=1 in the
-         environment runs it with Pingora's defaults instead: work stealing, its clock-thread timers);
+         environment runs it with Pingora's defaults instead: work stealing, its clock-thread timers;
+         BARE_PEER_TIMEOUTS=1 gives its upstream the edge's default connect, read and idle timeouts, whose
+         runtime timers the edge pays and the bare proxy without them does not);
   edge   the edge, one thread, its default policy engine with a zone that never rejects, access log to a file;
 and the upstream directly (plain HTTP: the ceiling of the load generator and the upstream).
 
@@ -348,8 +350,9 @@ def main() -> int:
             "edge": (edge.p.pid, f"https://127.0.0.1:{ports['edge']}/"),
         }
         results: dict[tuple[str, str], list[dict]] = {}
-        print(f"edge benchmark: {rounds} rounds of {secs} s, proxies on core {PROXY_CORE}, load on core {LOAD_CORE}",
-              flush=True)
+        variant = ", bare proxy with the edge's upstream timeouts" if os.environ.get("BARE_PEER_TIMEOUTS") == "1" else ""
+        print(f"edge benchmark: {rounds} rounds of {secs} s, proxies on core {PROXY_CORE}, load on core {LOAD_CORE}"
+              f"{variant}", flush=True)
         loads = os.environ.get("LOADS", "h1,h2,conn").split(",")
         only = os.environ.get("TARGETS", "nginx,bare,edge").split(",")
         targets = {k: v for k, v in targets.items() if k in only}
