@@ -163,9 +163,25 @@ impl Pool {
     /// none is available.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<Lease> {
         // Under the read lock, with no copy of the list and no list of candidates (two allocations per request
-        // before), and the clock read only while some instance has been ejected.
+        // before), and the clock read only while some instance is ejected.
         let all = self.instances.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = if all.iter().any(|i| i.ejected_until_ms.load(Ordering::Acquire) != 0) { self.now_ms() } else { 0 };
+        let now = if all.iter().any(|i| i.ejected_until_ms.load(Ordering::Acquire) != 0) {
+            let now = self.now_ms();
+            // An ejection that has run out is forgotten (unless a new one replaced it meanwhile), so that the
+            // picks after it need no clock again.
+            for i in all.iter() {
+                let until = i.ejected_until_ms.load(Ordering::Acquire);
+                if until != 0 && until <= now {
+                    let _ = i.ejected_until_ms.compare_exchange(until, 0, Ordering::AcqRel, Ordering::Relaxed);
+                }
+            }
+            now
+        } else {
+            0
+        };
+        // Each pass reads the instances' state again: one may leave the set between counting and choosing (a
+        // failed check, another request's ejection). Round robin counts around the set as it is then (`cycle`),
+        // so that it still picks one of those left instead of finding none.
         let candidates = || all.iter().filter(move |i| self.available(i, now) && !tried.contains(&i.addr));
         let n = candidates().count();
         if n == 0 {
@@ -173,7 +189,7 @@ impl Pool {
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let chosen = match self.balance {
-            Balance::RoundRobin => candidates().nth(start)?,
+            Balance::RoundRobin => candidates().cycle().nth(start)?,
             Balance::LeastConn => candidates().cycle().skip(start).take(n).min_by_key(|i| i.in_flight())?,
         };
         chosen.active.fetch_add(1, Ordering::Relaxed);
@@ -346,6 +362,19 @@ mod tests {
         let available: Vec<u16> =
             p.instances().iter().filter(|i| p.available(i, p.now_ms())).map(|i| i.addr.port()).collect();
         assert_eq!(available, [2]);
+    }
+
+    #[test]
+    fn an_ejection_that_ran_out_is_forgotten() {
+        let p = Pool::new(Balance::RoundRobin, 1, Duration::from_millis(1), HealthConfig::default());
+        p.set_addresses(&["127.0.0.1:1".parse().expect("a")]);
+        let one = p.instances()[0].clone();
+        p.record_check(&one, true);
+        assert!(p.report_failure(&one), "one failure ejects (max_fails 1) for 1 ms");
+        assert_ne!(one.ejected_until_ms.load(Ordering::Acquire), 0);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(port(&p.pick(&[])), 1, "available again once the ejection ran out");
+        assert_eq!(one.ejected_until_ms.load(Ordering::Acquire), 0, "and the deadline is forgotten");
     }
 
     #[test]
