@@ -165,20 +165,21 @@ impl Pool {
         // Under the read lock, with no copy of the list and no list of candidates (two allocations per request
         // before), and the clock read only while some instance is ejected.
         let all = self.instances.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = if all.iter().any(|i| i.ejected_until_ms.load(Ordering::Acquire) != 0) {
-            let now = self.now_ms();
-            // An ejection that has run out is forgotten (unless a new one replaced it meanwhile), so that the
-            // picks after it need no clock again.
-            for i in all.iter() {
-                let until = i.ejected_until_ms.load(Ordering::Acquire);
-                if until != 0 && until <= now {
-                    let _ = i.ejected_until_ms.compare_exchange(until, 0, Ordering::AcqRel, Ordering::Relaxed);
-                }
+        // One pass over the ejection deadlines: an ejection that has run out is forgotten (unless a new one
+        // replaced it meanwhile), so that the picks after it need no clock again.
+        let mut now = 0;
+        for i in all.iter() {
+            let until = i.ejected_until_ms.load(Ordering::Acquire);
+            if until == 0 {
+                continue;
             }
-            now
-        } else {
-            0
-        };
+            if now == 0 {
+                now = self.now_ms();
+            }
+            if until <= now {
+                let _ = i.ejected_until_ms.compare_exchange(until, 0, Ordering::AcqRel, Ordering::Relaxed);
+            }
+        }
         // Each pass reads the instances' state again: one may leave the set between counting and choosing (a
         // failed check, another request's ejection). Round robin counts around the set as it is then (`cycle`),
         // so that it still picks one of those left instead of finding none.
