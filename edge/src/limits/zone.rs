@@ -168,6 +168,10 @@ impl Zone {
             .map(|s| {
                 let mut s = s.0.lock().unwrap_or_else(|e| e.into_inner());
                 let before = s.len();
+                // Most shards of a large zone hold nothing: scanning their slots would be the sweep's whole cost.
+                if before == 0 {
+                    return 0;
+                }
                 // Rebuilding a region rewrites all of it under the lock: worth it only for a sizeable share. The
                 // rest goes when the shard fills up (make_room drops drained keys first).
                 let drained = s.buckets().filter(|b| algorithm::is_drained(b, now, &self.params)).count();
