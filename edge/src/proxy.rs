@@ -608,7 +608,7 @@ fn access_log(session: &Session, status: u16, ctx: &RequestCtx, total: f64) {
         protocol: protocol(req.version),
         status,
         bytes: session.body_bytes_sent(),
-        upstream: ctx.lease.as_ref().map(|l| l.instance.addr),
+        upstream: ctx.lease.as_ref().map(|l| &*l.instance.label),
         upstream_ms: ctx.upstream_ms,
         total_ms: total * 1000.0,
         tries: ctx.tried.len() + usize::from(ctx.lease.is_some()),
