@@ -15,7 +15,8 @@ and the upstream directly (plain HTTP: the ceiling of the load generator and the
 
 Loads: HTTP/1.1 keep-alive (wrk -c64), HTTP/2 (h2load -c64 -m10), a new connection and TLS handshake per
 request (wrk -c64 with Connection: close). For each: req/s, latency p50/p99 (h2load: mean and max), CPU
-seconds of the proxy per 100k requests (from /proc) and its peak RSS. Rounds alternate the targets. The tables
+seconds of the proxy per 100k requests (from /proc) and its peak RSS. Rounds alternate the targets (in the
+reverse order every other round, so that no target always follows the same one). The tables
 show each target's median round; a ratio is the median over the rounds of the ratio of the two targets' figures in
 the same round (they ran back to back, so a slow stretch of this shared machine moves both), RSS the ratio of the
 peaks.
@@ -358,7 +359,11 @@ def main() -> int:
         targets = {k: v for k, v in targets.items() if k in only}
         for rnd in range(1, rounds + 1):
             for load in loads:
-                for target, (pid, url) in targets.items():
+                # Counterbalanced: even rounds run the targets in the reverse order, so that a target is not
+                # always the one right after another (a drift of this shared machine, or what one target leaves
+                # behind in the upstream and the kernel, would otherwise always fall on the same one).
+                order = list(targets.items()) if rnd % 2 else list(reversed(targets.items()))
+                for target, (pid, url) in order:
                     profile = (os.environ.get("PROFILE") == "1" and rnd == rounds and load == "h1"
                                and target in ("edge", "bare") and shutil.which("perf"))
                     perf = start_perf(pid, work / f"perf-{target}.data", secs) if profile else None
@@ -416,9 +421,23 @@ def median(runs: list[dict]) -> dict:
     return {**ordered[len(ordered) // 2], "rss_mib": max(r["rss_mib"] for r in runs)}
 
 
+def per_round(results: dict, a: str, b: str, load: str, key: str) -> list[float]:
+    """`a`'s figure over `b`'s in each round."""
+    return [x[key] / y[key] for x, y in zip(results[(a, load)], results[(b, load)], strict=True)]
+
+
 def paired(results: dict, a: str, b: str, load: str, key: str) -> float:
     """The median over rounds of `a`'s figure over `b`'s in the same round."""
-    return statistics.median(x[key] / y[key] for x, y in zip(results[(a, load)], results[(b, load)], strict=True))
+    return statistics.median(per_round(results, a, b, load, key))
+
+
+def spread(results: dict, a: str, b: str, load: str, key: str) -> str:
+    """The per-round ratios' range and middle half (quartiles), to read a median against."""
+    r = sorted(per_round(results, a, b, load, key))
+    if len(r) < 4:
+        return f"rounds {r[0]:.2f}-{r[-1]:.2f}"
+    q1, _, q3 = statistics.quantiles(r, n=4)
+    return f"rounds {r[0]:.2f}-{r[-1]:.2f}, middle half {q1:.2f}-{q3:.2f}"
 
 
 def report(results: dict, idle: dict) -> None:
@@ -437,8 +456,10 @@ def report(results: dict, idle: dict) -> None:
     if any((t, l) not in med for t in ["nginx", "bare", "edge"] for l in ["h1", "h2", "conn"]):
         print("\n(ratios and targets need every target and load: run without LOADS / TARGETS)")
         if ("edge", "h1") in med and ("bare", "h1") in med:
-            print(f"HTTP/1.1 keep-alive: edge / bare req/s {paired(results, 'edge', 'bare', 'h1', 'rps'):.2f}, "
-                  f"CPU {paired(results, 'edge', 'bare', 'h1', 'cpu_per_100k'):.2f}")
+            print(f"HTTP/1.1 keep-alive: edge / bare req/s {paired(results, 'edge', 'bare', 'h1', 'rps'):.3f} "
+                  f"({spread(results, 'edge', 'bare', 'h1', 'rps')}), "
+                  f"CPU {paired(results, 'edge', 'bare', 'h1', 'cpu_per_100k'):.3f} "
+                  f"({spread(results, 'edge', 'bare', 'h1', 'cpu_per_100k')})")
         return
     print("\n| load | edge / bare req/s | edge / bare CPU | bare / nginx req/s | edge / nginx req/s | "
           "edge / nginx p99 | edge / nginx RSS |")
@@ -470,6 +491,8 @@ def report(results: dict, idle: dict) -> None:
     for name, value, bound, at_least in checks:
         ok = value >= bound if at_least else value <= bound
         print(f"  {'met    ' if ok else 'NOT met'} {name}: {value:.2f}")
+    print(f"\nedge / bare, HTTP/1.1, per round: req/s {spread(results, 'edge', 'bare', 'h1', 'rps')}; "
+          f"CPU {spread(results, 'edge', 'bare', 'h1', 'cpu_per_100k')}")
 
 
 if __name__ == "__main__":
