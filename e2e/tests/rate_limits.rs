@@ -140,8 +140,10 @@ async fn a_valid_policy_change_applies_and_an_invalid_one_is_refused() -> anyhow
     let seen = burst(&stack, &c, "/v1/r", 3).await;
     assert_eq!(seen.iter().filter(|s| s.status == 429).count(), 2, "old policy still in force");
 
-    // A valid change: applied without a restart.
-    std::fs::write(stack.policy_dir().join("policy.toml"), tight.replace("burst = 0", "burst = 10"))?;
+    // A valid change: applied without a restart. The route gets a name: the request metrics carry it from then
+    // on (the edge remembers metric children per thread by the route's name as loaded; a reload makes new ones).
+    let renamed = tight.replace("burst = 0", "burst = 10").replace("[[routes]]\n", "[[routes]]\nname = \"renamed\"\n");
+    std::fs::write(stack.policy_dir().join("policy.toml"), renamed)?;
     let c = warm_client(&stack, "127.0.0.10").await?;
     eventually(Duration::from_secs(10), "the new policy", || {
         let (c, url) = (c.clone(), format!("{}/v1/r", stack.edge_url()));
@@ -156,6 +158,17 @@ async fn a_valid_policy_change_applies_and_an_invalid_one_is_refused() -> anyhow
         }
     })
     .await?;
+    let m = reqwest::get(metrics_url).await?.text().await?;
+    // Requests by route, whatever their status.
+    let by_route = |route: &str| -> f64 {
+        let label = format!("http_route=\"{route}\"");
+        m.lines()
+            .filter(|l| l.starts_with("http_server_request_duration_seconds_count{") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(by_route("renamed") >= 3.0, "{m}");
+    assert!(by_route("/v1/") >= 6.0, "the two bursts before the change, under the old name: {m}");
     Ok(())
 }
 

@@ -9,6 +9,7 @@ mod admin;
 mod config;
 mod connections;
 mod health;
+mod metric_cache;
 mod proxy;
 mod ratelimit;
 mod redirect;

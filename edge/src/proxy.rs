@@ -5,6 +5,7 @@
 //! `response_filter` echoes the request id and the rate-limit headers, `logging` records the metrics.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,11 +22,12 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
-use service_core::metrics::HistogramVec;
+use service_core::metrics::{Histogram, HistogramVec};
 use service_core::problem::Problem;
 use service_core::telemetry::{self, Context, TraceContextExt as _};
 
 use crate::connections::{ClientGuard, Connections, RequestGuard};
+use crate::metric_cache::{self, Children};
 use crate::ratelimit::{self, Applied, LimitMetrics};
 
 pub const REQUEST_ID: &str = "x-request-id";
@@ -463,11 +465,32 @@ impl ProxyHttp for EdgeProxy {
         let class = status_class(status);
         let route = ctx.limits.route.take();
         let total = ctx.started.elapsed().as_secs_f64();
-        let code = http::StatusCode::from_u16(status).ok();
-        let code = code.as_ref().map_or("0", http::StatusCode::as_str);
-        self.duration.with_label_values(&[method, code, class, route.as_deref().unwrap_or("unmatched")]).observe(total);
+        // The children by the words their labels are made from (see `metric_cache`): the method's static text,
+        // the status (its code and class), the route's shared name.
+        let [m_addr, m_len] = metric_cache::static_words(method);
+        let key = [m_addr, m_len, usize::from(status), route.as_ref().map_or(0, metric_cache::arc_word)];
+        DURATIONS.with(|children| {
+            let Ok(mut children) = children.try_borrow_mut() else { return };
+            let make = || {
+                let code = http::StatusCode::from_u16(status).ok();
+                let code = code.as_ref().map_or("0", http::StatusCode::as_str);
+                let route = route.as_deref().unwrap_or("unmatched");
+                self.duration.get_metric_with_label_values(&[method, code, class, route]).ok()
+            };
+            if let Some(h) = children.get(key, route.as_ref(), make) {
+                h.observe(total);
+            }
+        });
         if let (Some(ms), Some(lease)) = (ctx.upstream_ms, &ctx.lease) {
-            self.upstream_duration.with_label_values(&[&*lease.instance.label, class]).observe(ms / 1000.0);
+            let label = &lease.instance.label;
+            let key = [metric_cache::arc_word(label), usize::from(status / 100), 0, 0];
+            UPSTREAM_DURATIONS.with(|children| {
+                let Ok(mut children) = children.try_borrow_mut() else { return };
+                let make = || self.upstream_duration.get_metric_with_label_values(&[&**label, class]).ok();
+                if let Some(h) = children.get(key, Some(label), make) {
+                    h.observe(ms / 1000.0);
+                }
+            });
         }
         if let Some(e) = error {
             tracing::warn!(request_id = ctx.request_id(), status, error = %e, "request failed");
@@ -632,7 +655,14 @@ fn protocol(v: http::Version) -> &'static str {
     }
 }
 
-/// `2xx`, `4xx`, ...; `0` when nothing was answered.
+thread_local! {
+    /// This thread's children of `http_server_request_duration_seconds` and `edge_upstream_duration_seconds`.
+    static DURATIONS: RefCell<Children<Histogram>> = const { RefCell::new(Children::new()) };
+    static UPSTREAM_DURATIONS: RefCell<Children<Histogram>> = const { RefCell::new(Children::new()) };
+}
+
+/// `2xx`, `4xx`, ...; `none` when nothing was answered. The same for every status with the same hundreds
+/// (the upstream metric's cache key holds `status / 100`).
 fn status_class(status: u16) -> &'static str {
     match status / 100 {
         1 => "1xx",

@@ -2,6 +2,7 @@
 //! `Retry-After` and the IETF `RateLimit` headers), delay (a timer, no thread held), or let the request through
 //! (the proxy's `request_filter` acts on the [`Next`] step).
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,9 @@ use http::{HeaderName, HeaderValue};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Histogram;
 use pingora::prelude::Session;
-use service_core::metrics::IntCounterVec;
+use service_core::metrics::{IntCounter, IntCounterVec};
+
+use crate::metric_cache::{self, Children};
 use service_core::problem::Problem;
 use service_core::telemetry::{self, Context, TraceContextExt as _};
 use smallvec::SmallVec;
@@ -119,13 +122,26 @@ pub fn apply(
     Next::Pass
 }
 
+thread_local! {
+    /// This thread's children of `edge_ratelimit_decisions_total` (see `metric_cache`).
+    static DECISIONS: RefCell<Children<IntCounter>> = const { RefCell::new(Children::new()) };
+}
+
 fn record(metrics: &LimitMetrics, verdict: &Verdict) {
     for (pos, outcome) in verdict.decision.outcomes.iter().enumerate() {
         if matches!(outcome, ZoneOutcome::Skipped) {
             continue;
         }
         let zone = &verdict.active.policy.zones[verdict.zones[pos]].name;
-        metrics.decisions.with_label_values(&[&**zone, outcome.label()]).inc();
+        let label = outcome.label();
+        let [l_addr, l_len] = metric_cache::static_words(label);
+        DECISIONS.with(|children| {
+            let Ok(mut children) = children.try_borrow_mut() else { return };
+            let make = || metrics.decisions.get_metric_with_label_values(&[&**zone, label]).ok();
+            if let Some(c) = children.get([metric_cache::arc_word(zone), l_addr, l_len, 0], Some(zone), make) {
+                c.inc();
+            }
+        });
         if let ZoneOutcome::Delayed { ms } | ZoneOutcome::DryRunDelayed { ms } = outcome {
             metrics.delay.record(*ms as f64 / 1000.0, &[KeyValue::new("zone", zone.clone())]);
         }

@@ -13,8 +13,8 @@ use opentelemetry_prometheus::ResourceSelector;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, Registry, TextEncoder};
 
-/// The hot-path instruments' types (see [`Metrics::hot_histogram`]).
-pub use prometheus::{HistogramVec, IntCounterVec};
+/// The hot-path instruments' types (see [`Metrics::hot_histogram`]), and their children.
+pub use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
 
 /// Why the metrics pipeline could not be built or read.
 #[derive(Debug, thiserror::Error)]
