@@ -141,7 +141,8 @@ async fn a_valid_policy_change_applies_and_an_invalid_one_is_refused() -> anyhow
     assert_eq!(seen.iter().filter(|s| s.status == 429).count(), 2, "old policy still in force");
 
     // A valid change: applied without a restart. The route gets a name: the request metrics carry it from then
-    // on (the edge remembers metric children per thread by the route's name as loaded; a reload makes new ones).
+    // on (the edge remembers metric children per thread keyed by the address of the route's name as loaded,
+    // which a reload replaces: new keys, looked up in the family again).
     let renamed = tight.replace("burst = 0", "burst = 10").replace("[[routes]]\n", "[[routes]]\nname = \"renamed\"\n");
     std::fs::write(stack.policy_dir().join("policy.toml"), renamed)?;
     let c = warm_client(&stack, "127.0.0.10").await?;

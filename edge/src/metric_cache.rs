@@ -10,7 +10,8 @@
 //! address and length of a `&'static str`, or the address of an `Arc<str>` the slot keeps (`keep`), so that the
 //! allocation cannot be freed and its address reused for another text while the slot remembers it. Children
 //! are never removed from a family (the edge removes no label values), so a remembered child is always the one
-//! the family renders.
+//! the family renders. The key does not name the family: each table (a `thread_local!` beside its call site)
+//! serves one family, which holds while a process has one proxy and one set of rate-limit metrics.
 
 use std::sync::Arc;
 
@@ -68,6 +69,21 @@ impl<C> Children<C> {
     }
 }
 
+/// The child a family made, or `None` after reporting why (a wrong number of label values: a programming error,
+/// which test builds turn into a panic, as the family's own `with_label_values` would).
+pub fn made<C, E: std::fmt::Display>(child: Result<C, E>) -> Option<C> {
+    match child {
+        Ok(c) => Some(c),
+        Err(e) => {
+            if cfg!(debug_assertions) {
+                panic!("metric child not made: {e}");
+            }
+            tracing::error!(error = %e, "metric child not made; not recorded");
+            None
+        }
+    }
+}
+
 /// A slot from the key's words, mixed by a multiplication (Fibonacci hashing); the table's size is a power of
 /// two, its index the product's top bits.
 fn slot_of(key: &Key) -> usize {
@@ -93,9 +109,12 @@ mod tests {
         assert_eq!(made.get(), 1);
         assert_eq!(c.get([1, 2, 3, 5], None, || make(9)), Some(&9), "another key is another child");
         assert_eq!(made.get(), 2);
-        // Nothing made: nothing remembered either.
+        // Nothing made: nothing remembered either, and the slot's child stays for its own key.
         assert_eq!(c.get([9, 9, 9, 9], None, || None), None);
         assert_eq!(c.get([9, 9, 9, 9], None, || make(10)), Some(&10));
+        let key = [9, 9, 9, 9];
+        assert_eq!(c.get([9, 9, 9, 8], None, || None), None);
+        assert_eq!(c.get(key, None, || make(11)), Some(&10), "a failed make left the slot alone");
     }
 
     #[test]
@@ -117,6 +136,25 @@ mod tests {
         let key = [arc_word(&route), 0, 0, 0];
         c.get(key, Some(&route), || Some("child"));
         assert_eq!(Arc::strong_count(&route), 2, "the slot holds the text, so its address is not reused");
-        assert_ne!(static_words("GET"), static_words("POST"));
+        // Replaced in its slot by another key: the text is let go.
+        let other = (1..).map(|n| [n, 0, 0, 0]).find(|k| slot_of(k) == slot_of(&key)).expect("a colliding key");
+        c.get(other, None, || Some("other"));
+        assert_eq!(Arc::strong_count(&route), 1);
+    }
+
+    #[test]
+    fn a_wrong_number_of_labels_is_no_child() {
+        let metrics = service_core::metrics::Metrics::new("unit").expect("metrics");
+        let family = metrics.hot_counter("t_total", "t", &["a", "b"]).expect("family");
+        assert!(made(family.get_metric_with_label_values(&["x", "y"])).is_some());
+        let wrong = family.get_metric_with_label_values(&["x"]);
+        assert!(wrong.is_err(), "the family refuses one value for two labels");
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| made(wrong)));
+        // Test builds panic (as `with_label_values` did); release builds log and record nothing.
+        if cfg!(debug_assertions) {
+            assert!(outcome.is_err());
+        } else {
+            assert!(matches!(outcome, Ok(None)));
+        }
     }
 }

@@ -469,13 +469,13 @@ impl ProxyHttp for EdgeProxy {
         // the status (its code and class), the route's shared name.
         let [m_addr, m_len] = metric_cache::static_words(method);
         let key = [m_addr, m_len, usize::from(status), route.as_ref().map_or(0, metric_cache::arc_word)];
-        DURATIONS.with(|children| {
+        let _ = DURATIONS.try_with(|children| {
             let Ok(mut children) = children.try_borrow_mut() else { return };
             let make = || {
                 let code = http::StatusCode::from_u16(status).ok();
                 let code = code.as_ref().map_or("0", http::StatusCode::as_str);
                 let route = route.as_deref().unwrap_or("unmatched");
-                self.duration.get_metric_with_label_values(&[method, code, class, route]).ok()
+                metric_cache::made(self.duration.get_metric_with_label_values(&[method, code, class, route]))
             };
             if let Some(h) = children.get(key, route.as_ref(), make) {
                 h.observe(total);
@@ -484,9 +484,10 @@ impl ProxyHttp for EdgeProxy {
         if let (Some(ms), Some(lease)) = (ctx.upstream_ms, &ctx.lease) {
             let label = &lease.instance.label;
             let key = [metric_cache::arc_word(label), usize::from(status / 100), 0, 0];
-            UPSTREAM_DURATIONS.with(|children| {
+            let _ = UPSTREAM_DURATIONS.try_with(|children| {
                 let Ok(mut children) = children.try_borrow_mut() else { return };
-                let make = || self.upstream_duration.get_metric_with_label_values(&[&**label, class]).ok();
+                let make =
+                    || metric_cache::made(self.upstream_duration.get_metric_with_label_values(&[&**label, class]));
                 if let Some(h) = children.get(key, Some(label), make) {
                     h.observe(ms / 1000.0);
                 }
@@ -661,8 +662,8 @@ thread_local! {
     static UPSTREAM_DURATIONS: RefCell<Children<Histogram>> = const { RefCell::new(Children::new()) };
 }
 
-/// `2xx`, `4xx`, ...; `none` when nothing was answered. The same for every status with the same hundreds
-/// (the upstream metric's cache key holds `status / 100`).
+/// `2xx`, `4xx`, ...; `none` when nothing was answered (status 0) or for a status outside 100-599. The same for
+/// every status with the same hundreds (the upstream metric's cache key holds `status / 100`).
 fn status_class(status: u16) -> &'static str {
     match status / 100 {
         1 => "1xx",

@@ -135,9 +135,9 @@ fn record(metrics: &LimitMetrics, verdict: &Verdict) {
         let zone = &verdict.active.policy.zones[verdict.zones[pos]].name;
         let label = outcome.label();
         let [l_addr, l_len] = metric_cache::static_words(label);
-        DECISIONS.with(|children| {
+        let _ = DECISIONS.try_with(|children| {
             let Ok(mut children) = children.try_borrow_mut() else { return };
-            let make = || metrics.decisions.get_metric_with_label_values(&[&**zone, label]).ok();
+            let make = || metric_cache::made(metrics.decisions.get_metric_with_label_values(&[&**zone, label]));
             if let Some(c) = children.get([metric_cache::arc_word(zone), l_addr, l_len, 0], Some(zone), make) {
                 c.inc();
             }
