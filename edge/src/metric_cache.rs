@@ -13,7 +13,9 @@
 //! the family renders. The key does not name the family: each table (a `thread_local!` beside its call site)
 //! serves one family, which holds while a process has one proxy and one set of rate-limit metrics.
 
+use std::cell::RefCell;
 use std::sync::Arc;
+use std::thread::LocalKey;
 
 /// Slots per thread and family: a handful of routes times methods and status codes fits; a collision only
 /// costs the family's lookup.
@@ -67,6 +69,24 @@ impl<C> Children<C> {
         }
         self.slots[i].as_ref().map(|s| &s.child)
     }
+}
+
+/// Runs `f` on this thread's child for `key` in `table` (made by `make` on a miss, see [`Children::get`]);
+/// nothing when `make` has none, or when the thread's tables are already gone (thread exit).
+pub fn with_child<C>(
+    table: &'static LocalKey<RefCell<Children<C>>>,
+    key: Key,
+    keep: Option<&Arc<str>>,
+    make: impl FnOnce() -> Option<C>,
+    f: impl FnOnce(&C),
+) {
+    let _ = table.try_with(|children| {
+        // `make` and `f` only reach the family and the child: the table is never borrowed twice.
+        let Ok(mut children) = children.try_borrow_mut() else { return };
+        if let Some(child) = children.get(key, keep, make) {
+            f(child);
+        }
+    });
 }
 
 /// The child a family made, or `None` after reporting why (a wrong number of label values: a programming error,
@@ -140,6 +160,33 @@ mod tests {
         let other = (1..).map(|n| [n, 0, 0, 0]).find(|k| slot_of(k) == slot_of(&key)).expect("a colliding key");
         c.get(other, None, || Some("other"));
         assert_eq!(Arc::strong_count(&route), 1);
+    }
+
+    #[test]
+    fn with_child_runs_on_this_threads_child() {
+        thread_local! {
+            static TABLE: RefCell<Children<std::rc::Rc<Cell<u32>>>> = const { RefCell::new(Children::new()) };
+        }
+        let counter = std::rc::Rc::new(Cell::new(0));
+        for _ in 0..3 {
+            let make = || Some(counter.clone());
+            with_child(&TABLE, [1, 0, 0, 0], None, make, |c| c.set(c.get() + 1));
+        }
+        assert_eq!(counter.get(), 3);
+        assert_eq!(std::rc::Rc::strong_count(&counter), 2, "made once, kept by the table");
+        // Another thread has a table of its own: made again there.
+        let made_there = std::thread::spawn(|| {
+            let made = Cell::new(false);
+            let make = || {
+                made.set(true);
+                Some(std::rc::Rc::new(Cell::new(0)))
+            };
+            with_child(&TABLE, [1, 0, 0, 0], None, make, |_| ());
+            made.get()
+        })
+        .join()
+        .expect("thread");
+        assert!(made_there);
     }
 
     #[test]

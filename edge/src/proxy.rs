@@ -469,29 +469,18 @@ impl ProxyHttp for EdgeProxy {
         // the status (its code and class), the route's shared name.
         let [m_addr, m_len] = metric_cache::static_words(method);
         let key = [m_addr, m_len, usize::from(status), route.as_ref().map_or(0, metric_cache::arc_word)];
-        let _ = DURATIONS.try_with(|children| {
-            let Ok(mut children) = children.try_borrow_mut() else { return };
-            let make = || {
-                let code = http::StatusCode::from_u16(status).ok();
-                let code = code.as_ref().map_or("0", http::StatusCode::as_str);
-                let route = route.as_deref().unwrap_or("unmatched");
-                metric_cache::made(self.duration.get_metric_with_label_values(&[method, code, class, route]))
-            };
-            if let Some(h) = children.get(key, route.as_ref(), make) {
-                h.observe(total);
-            }
-        });
+        let make = || {
+            let code = http::StatusCode::from_u16(status).ok();
+            let code = code.as_ref().map_or("0", http::StatusCode::as_str);
+            let route = route.as_deref().unwrap_or("unmatched");
+            metric_cache::made(self.duration.get_metric_with_label_values(&[method, code, class, route]))
+        };
+        metric_cache::with_child(&DURATIONS, key, route.as_ref(), make, |h| h.observe(total));
         if let (Some(ms), Some(lease)) = (ctx.upstream_ms, &ctx.lease) {
             let label = &lease.instance.label;
             let key = [metric_cache::arc_word(label), usize::from(status / 100), 0, 0];
-            let _ = UPSTREAM_DURATIONS.try_with(|children| {
-                let Ok(mut children) = children.try_borrow_mut() else { return };
-                let make =
-                    || metric_cache::made(self.upstream_duration.get_metric_with_label_values(&[&**label, class]));
-                if let Some(h) = children.get(key, Some(label), make) {
-                    h.observe(ms / 1000.0);
-                }
-            });
+            let make = || metric_cache::made(self.upstream_duration.get_metric_with_label_values(&[&**label, class]));
+            metric_cache::with_child(&UPSTREAM_DURATIONS, key, Some(label), make, |h| h.observe(ms / 1000.0));
         }
         if let Some(e) = error {
             tracing::warn!(request_id = ctx.request_id(), status, error = %e, "request failed");

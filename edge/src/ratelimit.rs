@@ -14,11 +14,11 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::Histogram;
 use pingora::prelude::Session;
 use service_core::metrics::{IntCounter, IntCounterVec};
-
-use crate::metric_cache::{self, Children};
 use service_core::problem::Problem;
 use service_core::telemetry::{self, Context, TraceContextExt as _};
 use smallvec::SmallVec;
+
+use crate::metric_cache::{self, Children};
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -135,13 +135,9 @@ fn record(metrics: &LimitMetrics, verdict: &Verdict) {
         let zone = &verdict.active.policy.zones[verdict.zones[pos]].name;
         let label = outcome.label();
         let [l_addr, l_len] = metric_cache::static_words(label);
-        let _ = DECISIONS.try_with(|children| {
-            let Ok(mut children) = children.try_borrow_mut() else { return };
-            let make = || metric_cache::made(metrics.decisions.get_metric_with_label_values(&[&**zone, label]));
-            if let Some(c) = children.get([metric_cache::arc_word(zone), l_addr, l_len, 0], Some(zone), make) {
-                c.inc();
-            }
-        });
+        let key = [metric_cache::arc_word(zone), l_addr, l_len, 0];
+        let make = || metric_cache::made(metrics.decisions.get_metric_with_label_values(&[&**zone, label]));
+        metric_cache::with_child(&DECISIONS, key, Some(zone), make, IntCounter::inc);
         if let ZoneOutcome::Delayed { ms } | ZoneOutcome::DryRunDelayed { ms } = outcome {
             metrics.delay.record(*ms as f64 / 1000.0, &[KeyValue::new("zone", zone.clone())]);
         }
