@@ -1,8 +1,9 @@
-//! A per-thread cache of a Prometheus family's children, for the metrics recorded on every request.
+//! A per-thread cache of a Prometheus family's children, for the metrics recorded per request.
 //!
 //! The family's own lookup (`with_label_values`) hashes the label values with FNV a byte at a time, looks the
-//! hash up in a `HashMap` under a read lock and clones the child's `Arc`: ~200 instructions a call, three calls
-//! a request, and atomic writes to lines that every core shares. Here a thread finds the child by a few words
+//! hash up in a `HashMap` under a read lock and clones the child's `Arc`: ~200 instructions a call, up to three
+//! calls a request (duration, upstream time, a rate-limit decision per zone of the route), and atomic writes
+//! to lines that every core shares. Here a thread finds the child by a few words
 //! that determine the label values, in a small direct-mapped table of its own: no string is read, no lock
 //! taken. A miss (first use, or another tuple in the same slot) asks the family and keeps the child.
 //!
