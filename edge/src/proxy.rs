@@ -68,6 +68,8 @@ pub struct RequestCtx {
     client_stalled: bool,
     /// When the last chunk of the request body came.
     last_body_at: Option<Instant>,
+    /// The client's `User-Agent` (the access log).
+    user_agent: Option<HeaderValue>,
 }
 
 impl RequestCtx {
@@ -127,6 +129,7 @@ impl ProxyHttp for EdgeProxy {
             _client_slot: None,
             client_stalled: false,
             last_body_at: None,
+            user_agent: None,
         })
     }
 
@@ -148,9 +151,12 @@ impl ProxyHttp for EdgeProxy {
         // Only where Pingora keeps the connection for another request (HTTP/1.1 unless `Connection: close`; HTTP/1.0
         // only with `Connection: keep-alive`): setting it on an HTTP/1.0 request without it kept that connection
         // open after the response, where the client expects the close.
-        if session.get_keepalive().is_some() {
+        if let Some(current) = session.get_keepalive() {
             let keepalive = if ctx._connection.is_some() { 0 } else { l.keepalive_timeout_secs.max(1) };
-            session.set_keepalive(Some(keepalive));
+            // Usually already so (HTTP/1.1 keeps alive without a limit, `0`): setting it looks `Connection` up again.
+            if current != keepalive {
+                session.set_keepalive(Some(keepalive));
+            }
         }
         session.set_read_timeout(Some(Duration::from_secs(l.body_timeout_secs.max(1))));
         session.set_write_timeout(Some(Duration::from_secs(l.send_timeout_secs.max(1))));
@@ -161,14 +167,11 @@ impl ProxyHttp for EdgeProxy {
     /// filter's future, which every request allocates and moves, ~2 KiB (`-Zprint-type-sizes`: 1,968 bytes);
     /// boxed, each is a pointer in it.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        ctx.request_id = session
-            .req_header()
-            .headers
-            .get(X_REQUEST_ID)
-            .filter(|id| id.to_str().is_ok_and(is_valid_request_id))
-            .cloned()
-            .unwrap_or_else(new_request_id);
-        ctx.trace = self.server_span(session, ctx.request_id());
+        let known = Known::scan(&session.req_header().headers);
+        ctx.request_id =
+            known.request_id.filter(|id| id.to_str().is_ok_and(is_valid_request_id)).unwrap_or_else(new_request_id);
+        ctx.user_agent = known.user_agent;
+        ctx.trace = self.server_span(session, ctx.request_id(), known.traceparent);
         // A head or a declared body over the limits is refused before anything else (no bucket is charged for
         // it); a body sent without a length is counted in `request_body_filter`.
         if let Some(problem) = self.head_over_limits(session) {
@@ -176,12 +179,7 @@ impl ProxyHttp for EdgeProxy {
             return Ok(true);
         }
         ctx.body_limit = self.limits.for_path(session.req_header().uri.path());
-        let declared = session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = known.content_length.as_ref().and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > ctx.body_limit) {
             let problem = Problem::new("payload-too-large", 413, "Content Too Large")
                 .with_detail(format!("the request body exceeds {} bytes", ctx.body_limit));
@@ -190,7 +188,7 @@ impl ProxyHttp for EdgeProxy {
         }
         // Who the client is, once: the requests-in-flight limit and the rate limits key on it.
         let active = self.limiter.active();
-        let chain = forwarded_chain(&session.req_header().headers);
+        let chain = if known.forwarded_for { forwarded_chain(&session.req_header().headers) } else { None };
         ctx.forwarded = chain.is_some();
         let client = session
             .client_addr()
@@ -211,6 +209,7 @@ impl ProxyHttp for EdgeProxy {
             &self.limiter,
             &self.limit_metrics,
             session,
+            known.authorization.as_ref().and_then(|v| v.to_str().ok()),
             ctx.request_id.to_str().unwrap_or_default(),
             &mut ctx.limits,
             &ctx.trace,
@@ -553,9 +552,11 @@ impl EdgeProxy {
             .ok_or(self.limits.max_requests_per_client)
     }
 
-    /// Starts the request's SERVER span, continuing the client's `traceparent` when it sent a valid one.
-    fn server_span(&self, session: &Session, request_id: &str) -> Context {
+    /// Starts the request's SERVER span, continuing the client's `traceparent` when it sent a valid one (whether
+    /// it sent one at all: `traceparent`, from [`Known::scan`]).
+    fn server_span(&self, session: &Session, request_id: &str, traceparent: bool) -> Context {
         let req = session.req_header();
+        let parent = if traceparent { telemetry::extract_http(&req.headers) } else { Context::new() };
         let http = telemetry::HttpRequest {
             method: &req.method,
             uri: &req.uri,
@@ -563,15 +564,57 @@ impl EdgeProxy {
             headers: &req.headers,
             scheme: "https",
         };
-        telemetry::http_server_span(&self.tracer, &http, |v| {
+        telemetry::http_server_span_under(&self.tracer, &http, &parent, |v| {
             v.push(KeyValue::new("http.request.header.x-request-id", request_id.to_owned()));
-            if let Some(host) = header(req, "host").or_else(|| req.uri.host()) {
+            let host = req.headers.get(http::header::HOST).and_then(|v| v.to_str().ok());
+            if let Some(host) = host.or_else(|| req.uri.host()) {
                 v.push(KeyValue::new("server.address", host.to_owned()));
             }
             if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
                 v.push(KeyValue::new("network.peer.address", peer.ip().to_string()));
             }
         })
+    }
+}
+
+/// The request headers the edge reads, found in one pass over the head (as nginx fills its `headers_in` while
+/// it parses) instead of a lookup each: a lookup hashes the name and probes the map, ~110-190 instructions, six
+/// of them per request; the pass compares each field's name with these, a few instructions a field. Each is the
+/// field's first value, what `HeaderMap::get` answers. (`Host` is read where it is used: Pingora may set it from
+/// an absolute-form target in between.)
+#[derive(Default)]
+struct Known {
+    request_id: Option<HeaderValue>,
+    content_length: Option<HeaderValue>,
+    authorization: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+    /// Whether the fields are present (their values are read where they are used).
+    traceparent: bool,
+    forwarded_for: bool,
+}
+
+impl Known {
+    fn scan(headers: &http::HeaderMap) -> Self {
+        let mut known = Known::default();
+        for (name, value) in headers {
+            let slot = if name == http::header::CONTENT_LENGTH {
+                &mut known.content_length
+            } else if name == http::header::USER_AGENT {
+                &mut known.user_agent
+            } else if name == http::header::AUTHORIZATION {
+                &mut known.authorization
+            } else if name == X_REQUEST_ID {
+                &mut known.request_id
+            } else {
+                known.traceparent |= name == TRACEPARENT;
+                known.forwarded_for |= name == X_FORWARDED_FOR;
+                continue;
+            };
+            if slot.is_none() {
+                *slot = Some(value.clone());
+            }
+        }
+        known
     }
 }
 
@@ -629,7 +672,7 @@ fn access_log(session: &Session, status: u16, ctx: &RequestCtx, total: f64) {
         rate_limit_delay_ms: ctx.limits.delay_ms,
         request_id: ctx.request_id(),
         trace_id,
-        user_agent: req.headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()),
+        user_agent: ctx.user_agent.as_ref().and_then(|v| v.to_str().ok()),
     };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     crate::access_log::record(&line, now);
@@ -670,10 +713,6 @@ fn error_type(e: &pingora::Error) -> &'static str {
         ErrorSource::Downstream => "downstream",
         _ => "internal",
     }
-}
-
-fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
-    req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 section 7.6.1): never forwarded, and neither
@@ -831,6 +870,44 @@ mod tests {
             let wire = String::from_utf8_lossy(&wire);
             assert!(wire.contains("x-forwarded-proto: https\r\n") && wire.contains("x-custom: 1\r\n"), "{wire}");
         }
+    }
+
+    #[test]
+    fn one_pass_over_the_head_finds_what_lookups_find() {
+        let mut h = http::HeaderMap::new();
+        let known = Known::scan(&h);
+        assert!(known.request_id.is_none() && known.content_length.is_none() && known.user_agent.is_none());
+        assert!(known.authorization.is_none() && !known.traceparent && !known.forwarded_for);
+        for (name, value) in [
+            ("Host", "example.com"),
+            ("user-agent", "curl/8"),
+            ("X-Request-Id", "first"),
+            ("accept", "*/*"),
+            ("x-request-id", "second"),
+            ("Authorization", "Bearer t"),
+            ("content-length", "12"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            ("x-forwarded-for", "7.7.7.7"),
+        ] {
+            let name = http::HeaderName::from_bytes(name.as_bytes()).expect("name");
+            h.append(name, HeaderValue::from_static(value));
+        }
+        let known = Known::scan(&h);
+        let text = |v: &Option<HeaderValue>| v.as_ref().and_then(|v| v.to_str().ok()).map(str::to_owned);
+        // The first value of a repeated field, as `get` answers.
+        assert_eq!(text(&known.request_id), text(&h.get(X_REQUEST_ID).cloned()));
+        assert_eq!(text(&known.request_id).as_deref(), Some("first"));
+        assert_eq!(text(&known.user_agent).as_deref(), Some("curl/8"));
+        assert_eq!(text(&known.authorization).as_deref(), Some("Bearer t"));
+        assert_eq!(text(&known.content_length).as_deref(), Some("12"));
+        assert!(known.traceparent && known.forwarded_for);
+        // Only those names: a field that merely looks like one is not taken.
+        let mut other = http::HeaderMap::new();
+        other.append("x-request-ids", HeaderValue::from_static("no"));
+        other.append("x-forwarded-host", HeaderValue::from_static("no"));
+        let known = Known::scan(&other);
+        assert!(known.request_id.is_none() && !known.forwarded_for && !known.traceparent);
     }
 
     #[test]

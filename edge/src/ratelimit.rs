@@ -51,14 +51,15 @@ pub enum Next {
     Reject { problem: Box<Problem>, headers: Vec<(HeaderName, HeaderValue)> },
 }
 
-/// Runs the limiter for `session`, whose client (derived with `active`'s trusted proxies) is `client`, and
-/// records the decision. Not async: the rare waits and answers are the caller's, out of line, so that the
+/// Runs the limiter for `session`, whose client (derived with `active`'s trusted proxies) is `client` and whose
+/// `Authorization` is `authorization`, and records the decision. Not async: the rare waits and answers are the caller's, out of line, so that the
 /// request filter's future (allocated and moved on every request) stays small.
 #[allow(clippy::too_many_arguments)]
 pub fn apply(
     limiter: &Arc<Limiter>,
     metrics: &LimitMetrics,
     session: &Session,
+    authorization: Option<&str>,
     request_id: &str,
     applied: &mut Applied,
     trace: &Context,
@@ -69,12 +70,7 @@ pub fn apply(
     let verdict = {
         let req = session.req_header();
         let get = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let info = RequestInfo {
-            method: req.method.as_str(),
-            path: req.uri.path(),
-            authorization: req.headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
-            header: &get,
-        };
+        let info = RequestInfo { method: req.method.as_str(), path: req.uri.path(), authorization, header: &get };
         limiter.check_client(active, &info, client)
     };
     let Some(verdict) = verdict else { return Next::Pass };

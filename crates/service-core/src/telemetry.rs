@@ -182,9 +182,19 @@ pub fn http_server_span(
     req: &HttpRequest<'_>,
     extra: impl FnOnce(&mut Vec<KeyValue>),
 ) -> Context {
-    let parent = extract_http(req.headers);
+    http_server_span_under(tracer, req, &extract_http(req.headers), extra)
+}
+
+/// [`http_server_span`] under a parent the caller already has: [`extract_http`]'s answer, or an empty context
+/// when it knows the request carries no `traceparent` (the edge, which reads the head in one pass).
+pub fn http_server_span_under(
+    tracer: &opentelemetry::global::BoxedTracer,
+    req: &HttpRequest<'_>,
+    parent: &Context,
+    extra: impl FnOnce(&mut Vec<KeyValue>),
+) -> Context {
     let name = http_span_name(req.method);
-    start(tracer, name, SpanKind::Server, &parent, || {
+    start(tracer, name, SpanKind::Server, parent, || {
         let mut v = vec![
             KeyValue::new("http.request.method", if name == "HTTP" { "_OTHER" } else { name }),
             KeyValue::new("url.path", req.uri.path().to_owned()),
