@@ -552,8 +552,8 @@ impl EdgeProxy {
             .ok_or(self.limits.max_requests_per_client)
     }
 
-    /// Starts the request's SERVER span, continuing the client's `traceparent` when it sent a valid one (whether
-    /// it sent one at all: `traceparent`, from [`Known::scan`]).
+    /// Starts the request's SERVER span, continuing the client's `traceparent` when it sent a valid one.
+    /// `traceparent` says whether the head has one at all ([`Known::scan`]): without one, no propagator runs.
     fn server_span(&self, session: &Session, request_id: &str, traceparent: bool) -> Context {
         let req = session.req_header();
         let parent = if traceparent { telemetry::extract_http(&req.headers) } else { Context::new() };

@@ -52,8 +52,9 @@ pub enum Next {
 }
 
 /// Runs the limiter for `session`, whose client (derived with `active`'s trusted proxies) is `client` and whose
-/// `Authorization` is `authorization`, and records the decision. Not async: the rare waits and answers are the caller's, out of line, so that the
-/// request filter's future (allocated and moved on every request) stays small.
+/// `Authorization` is `authorization` (both read once by the proxy), and records the decision. Not async: the rare
+/// waits and answers are the caller's, out of line, so that the request filter's future (allocated and moved on
+/// every request) stays small.
 #[allow(clippy::too_many_arguments)]
 pub fn apply(
     limiter: &Arc<Limiter>,
