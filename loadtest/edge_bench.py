@@ -382,11 +382,49 @@ def main() -> int:
             results[("upstream", load)] = [r]
             print(f"upstream {load:4} {json.dumps({k: round(v, 2) for k, v in r.items()})}", flush=True)
         report(results, idle)
+        problems = check(results, work)
+        for problem in problems:
+            print(f"INVALID: {problem}")
+        return 1 if problems else 0
     finally:
         for p in reversed(procs):
             p.stop()
-    shutil.rmtree(work, ignore_errors=True)
-    return 0
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def check(results: dict, work: Path) -> list[str]:
+    """What would make the figures meaningless: an error or a non-2xx answer in any run, or a proxy that did not
+    do the work it is measured with: the edge logs one access line per request with its limiter's decision, nginx
+    one access line per request (both count the warm-ups too). A request the load generator abandons when a run
+    ends is logged with status 0 (nothing answered; nginx writes 499). Printed with the counts; the script exits 1
+    when the list is not empty."""
+    problems = [f"{target} {load}: {r['errors']} errors in round {i + 1}"
+                for (target, load), runs in results.items() for i, r in enumerate(runs) if r["errors"]]
+    served = {t: sum(r["requests"] for (target, _), runs in results.items() if target == t for r in runs)
+              for t in ["nginx", "edge"]}
+    seen: dict[tuple, int] = {}
+    for line in (work / "edge-access.log").read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("log") == "access":
+            what = (entry.get("status"), entry.get("rate_limit"))
+            seen[what] = seen.get(what, 0) + 1
+    ok, abandoned = seen.pop((200, "immediate"), 0), seen.pop((0, "immediate"), 0)
+    nginx_log = work / "nginx" / "access.log"
+    nginx_lines = sum(1 for _ in nginx_log.open(errors="replace")) if nginx_log.exists() else 0
+    print(f"\naccess logs (warm-ups included): edge {ok} lines of status 200 with the limiter's decision "
+          f"\"immediate\" and {abandoned} of requests abandoned at a run's end ({served['edge']} requests measured); "
+          f"nginx {nginx_lines} lines ({served['nginx']} requests measured)")
+    if ok < served["edge"]:
+        problems.append(f"the edge logged {ok} answered requests with the limiter's decision for {served['edge']} "
+                        "requests measured")
+    if seen:
+        problems.append(f"the edge logged other lines (status, rate-limit decision: count): {seen}")
+    if nginx_lines < served["nginx"]:
+        problems.append(f"nginx logged {nginx_lines} access lines for {served['nginx']} requests measured")
+    return problems
 
 
 def start_perf(pid: int, out: Path, secs: int) -> subprocess.Popen:
