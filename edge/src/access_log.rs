@@ -8,14 +8,16 @@ use std::io::Write as _;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
-use crate::wire::{write_ip, write_str, write_u64};
-use service_core::telemetry::write_hex;
+use crate::wire::{write_ip, write_plain, write_str, write_u64};
+use service_core::telemetry::hex_into;
 
 use opentelemetry::trace::TraceId;
 
 /// One request's line; fields are written in this order.
 pub struct Line<'a> {
     pub client: Option<IpAddr>,
+    /// The request's method: a token (letters, digits and a few symbols; the HTTP parser checked), written
+    /// without looking for characters to escape, as are `protocol`, `upstream` and `rate_limit`.
     pub method: &'a str,
     pub path: &'a str,
     pub protocol: &'static str,
@@ -74,7 +76,7 @@ pub fn write_line(out: &mut Vec<u8>, line: &Line<'_>, now: std::time::Duration) 
         write_ip(out, ip);
     }
     out.extend_from_slice(b"\",\"method\":");
-    write_str(out, line.method);
+    write_plain(out, line.method);
     out.extend_from_slice(b",\"path\":");
     write_str(out, line.path);
     out.extend_from_slice(b",\"protocol\":\"");
@@ -84,7 +86,7 @@ pub fn write_line(out: &mut Vec<u8>, line: &Line<'_>, now: std::time::Duration) 
     out.extend_from_slice(b",\"bytes\":");
     write_u64(out, line.bytes as u64);
     out.extend_from_slice(b",\"upstream\":");
-    or_null(out, line.upstream, write_str);
+    or_null(out, line.upstream, write_plain);
     out.extend_from_slice(b",\"upstream_ms\":");
     or_null(out, line.upstream_ms, write_ms);
     out.extend_from_slice(b",\"total_ms\":");
@@ -92,16 +94,17 @@ pub fn write_line(out: &mut Vec<u8>, line: &Line<'_>, now: std::time::Duration) 
     out.extend_from_slice(b",\"tries\":");
     write_u64(out, line.tries as u64);
     out.extend_from_slice(b",\"rate_limit\":");
-    or_null(out, line.rate_limit, write_str);
+    or_null(out, line.rate_limit, write_plain);
     out.extend_from_slice(b",\"rate_limit_delay_ms\":");
     write_u64(out, line.rate_limit_delay_ms);
     out.extend_from_slice(b",\"request_id\":");
     write_str(out, line.request_id);
     out.extend_from_slice(b",\"trace_id\":");
     or_null(out, line.trace_id, |out, id| {
-        out.push(b'"');
-        write_hex(out, &id.to_bytes());
-        out.push(b'"');
+        // Quoted hex in place, one copy of known length.
+        let mut text = [b'"'; 34];
+        hex_into(&mut text[1..33], &id.to_bytes());
+        out.extend_from_slice(&text);
     });
     out.extend_from_slice(b",\"user_agent\":");
     or_null(out, line.user_agent, write_str);
@@ -141,7 +144,8 @@ fn write_time(out: &mut Vec<u8>, now: std::time::Duration) {
 
 /// Milliseconds with three decimals (`12.345`), rounded to the microsecond; negative or not finite is `0.000`.
 fn write_ms(out: &mut Vec<u8>, ms: f64) {
-    let micros = if ms.is_finite() && ms > 0.0 { (ms * 1000.0).round() as u64 } else { 0 };
+    // Rounded by adding a half (positive values only): `f64::round` is a call into libm on the hot path.
+    let micros = if ms.is_finite() && ms > 0.0 { (ms * 1000.0 + 0.5) as u64 } else { 0 };
     write_u64(out, micros / 1000);
     let frac = micros % 1000;
     out.extend_from_slice(&[b'.', b'0' + (frac / 100) as u8, b'0' + (frac / 10 % 10) as u8, b'0' + (frac % 10) as u8]);
@@ -250,6 +254,15 @@ mod tests {
             assert!(v[k].is_null(), "{k}: {v}");
         }
         assert_eq!(v["total_ms"].as_f64(), Some(0.0));
+    }
+
+    #[test]
+    fn milliseconds_are_rounded_to_the_microsecond() {
+        for (ms, text) in [(0.0005, "0.001"), (0.000_499, "0.000"), (12.3456, "12.346"), (999.9996, "1000.000")] {
+            let mut out = Vec::new();
+            write_ms(&mut out, ms);
+            assert_eq!(String::from_utf8_lossy(&out), text, "{ms}");
+        }
     }
 
     #[test]

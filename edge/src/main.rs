@@ -4,7 +4,6 @@
 //! `shutdown.grace_period_secs`, then give in-flight requests up to `shutdown.timeout_secs`); SIGQUIT hands the
 //! listening sockets to a new edge process started with `--upgrade` (Pingora's zero-downtime upgrade).
 
-mod access_log;
 mod admin;
 mod config;
 mod connections;
@@ -16,7 +15,8 @@ mod redirect;
 mod reload;
 mod respond;
 mod tls;
-mod wire;
+
+use edge::{access_log, wire};
 
 /// mimalloc, not glibc's malloc: measured in `loadtest/edge-bench`, glibc's heap fragments under HTTP/2 load and
 /// every later request costs ~10% more CPU (mimalloc: none), HTTP/2 itself is ~10% cheaper. Built without its

@@ -353,7 +353,7 @@ pub fn traceparent_bytes(sc: &SpanContext) -> [u8; 55] {
 }
 
 /// `bytes` in lower-case hex into `out` (twice as long).
-fn hex_into(out: &mut [u8], bytes: &[u8]) {
+pub fn hex_into(out: &mut [u8], bytes: &[u8]) {
     // Both digits of a byte in one lookup: every request writes 25 bytes of ids this way (its `traceparent`),
     // and the edge's access log 16 more.
     const PAIRS: [[u8; 2]; 256] = {
