@@ -52,6 +52,21 @@ async fn bursts_of_26_and_40_follow_nginx_and_clients_are_independent() -> anyho
         assert!(r.retry_after.is_some_and(|s| s >= 1), "{r:?}");
     }
     assert_schedule(&accepted, 1000, 1);
+    // The IETF headers on every answer: the zone's quota (burst + 1) and window, and the room left after this
+    // request (the whole burst of 25 for the first, none once it is used up; none on a rejection) with the
+    // seconds until all of it is back (at 1r/s: room + seconds = 25).
+    let room = |s: &Seen| {
+        assert_eq!(s.ratelimit_policy.as_deref(), Some("\"per_client\";q=26;w=26"), "{s:?}");
+        let text = s.ratelimit.as_deref().unwrap_or_else(|| panic!("no RateLimit: {s:?}"));
+        let fields = text.strip_prefix("\"per_client\";r=").and_then(|t| t.split_once(";t="));
+        let (r, t) = fields.unwrap_or_else(|| panic!("RateLimit {text:?}"));
+        let (r, t): (u64, u64) = (r.parse().expect("r"), t.parse().expect("t"));
+        assert_eq!(r + t, 25, "{s:?}");
+        r
+    };
+    assert!(rejected.iter().all(|s| room(s) == 0), "{rejected:?}");
+    let left: Vec<u64> = accepted.iter().map(|s| room(s)).collect();
+    assert_eq!((left.iter().max(), left.iter().min()), (Some(&25), Some(&0)), "{accepted:?}");
 
     assert!(twenty_six.iter().all(|s| s.status != 429), "26 at once are all accepted: {twenty_six:?}");
     assert_schedule(&twenty_six.iter().collect::<Vec<_>>(), 1000, 1);

@@ -757,16 +757,14 @@ fn forwarded_for(incoming: Option<&str>, client_ip: Option<IpAddr>) -> Option<He
     if chain.is_none() && client_ip.is_none() {
         return None;
     }
-    let mut text = Vec::with_capacity(chain.map_or(0, str::len) + 48);
-    if let Some(chain) = chain {
-        text.extend_from_slice(chain.as_bytes());
-    }
-    if let Some(ip) = client_ip {
-        if !text.is_empty() {
-            text.extend_from_slice(b", ");
-        }
-        crate::wire::write_ip(&mut text, ip);
-    }
+    let ip = client_ip.map(crate::wire::IpText::new);
+    let (chain, ip) = (chain.map_or(&b""[..], str::as_bytes), ip.as_ref().map_or(&b""[..], |t| t.as_bytes()));
+    let separator = if chain.is_empty() || ip.is_empty() { &b""[..] } else { b", " };
+    // At its exact size: `Bytes` takes the vector as it is (with room to spare it allocates a second block).
+    let mut text = Vec::with_capacity(chain.len() + separator.len() + ip.len());
+    text.extend_from_slice(chain);
+    text.extend_from_slice(separator);
+    text.extend_from_slice(ip);
     HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
 }
 

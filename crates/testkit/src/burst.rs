@@ -4,13 +4,16 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// What one request saw: status, when it completed (since the burst started), `Retry-After`, `Content-Type`.
+/// What one request saw: status, when it completed (since the burst started), `Retry-After`, `Content-Type`,
+/// `RateLimit` and `RateLimit-Policy`.
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub status: u16,
     pub at: Duration,
     pub retry_after: Option<u64>,
     pub content_type: Option<String>,
+    pub ratelimit: Option<String>,
+    pub ratelimit_policy: Option<String>,
 }
 
 /// An HTTPS client from loopback address `source` trusting `ca`, with its connection already open (one request
@@ -35,6 +38,8 @@ pub async fn burst(client: &reqwest::Client, url: &str, n: usize) -> anyhow::Res
                     at: start.elapsed(),
                     retry_after: header("retry-after").and_then(|v| v.parse().ok()),
                     content_type: header("content-type"),
+                    ratelimit: header("ratelimit"),
+                    ratelimit_policy: header("ratelimit-policy"),
                 })
             })
         })
