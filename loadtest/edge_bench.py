@@ -421,7 +421,10 @@ def check(results: dict, work: Path) -> list[str]:
             seen[what] = seen.get(what, 0) + 1
     abandoned = seen.pop((0, "immediate"), 0)
     nginx_log = work / "nginx" / "access.log"
-    nginx_lines = sum(1 for _ in nginx_log.open(errors="replace")) if nginx_log.exists() else 0
+    nginx_lines = 0
+    if nginx_log.exists():
+        with nginx_log.open("rb") as log:
+            nginx_lines = sum(1 for _ in log)
     print(f"\naccess logs (warm-ups included): edge {ok} lines of status 200 with the limiter's decision "
           f"\"immediate\" and {abandoned} of requests abandoned at a run's end ({served['edge']} requests measured); "
           f"nginx {nginx_lines} lines ({served['nginx']} requests measured)")
