@@ -760,12 +760,7 @@ fn forwarded_for(incoming: Option<&str>, client_ip: Option<IpAddr>) -> Option<He
     let ip = client_ip.map(crate::wire::IpText::new);
     let (chain, ip) = (chain.map_or(&b""[..], str::as_bytes), ip.as_ref().map_or(&b""[..], |t| t.as_bytes()));
     let separator = if chain.is_empty() || ip.is_empty() { &b""[..] } else { b", " };
-    // At its exact size: `Bytes` takes the vector as it is (with room to spare it allocates a second block).
-    let mut text = Vec::with_capacity(chain.len() + separator.len() + ip.len());
-    text.extend_from_slice(chain);
-    text.extend_from_slice(separator);
-    text.extend_from_slice(ip);
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
+    crate::wire::header_value(&[chain, separator, ip])
 }
 
 /// A client's request id is kept only if it is short and plain (it ends up in logs and headers).

@@ -210,18 +210,10 @@ fn rate_limit_headers(verdict: &Verdict) -> SmallVec<[(HeaderName, HeaderValue);
         headers.push((RATELIMIT_POLICY, policy.clone()));
     }
     if let Some((remaining, name, reset)) = tightest {
-        // `"name";r=remaining;t=reset`, written without the formatting machinery (on every request), at its
-        // exact size: `Bytes` takes the vector as it is (with room to spare it allocates a second block).
+        // `"name";r=remaining;t=reset`, written without the formatting machinery (on every request).
         let (mut r, mut t) = (itoa::Buffer::new(), itoa::Buffer::new());
         let (r, t) = (r.format(remaining).as_bytes(), t.format(reset).as_bytes());
-        let mut text = Vec::with_capacity(name.len() + r.len() + t.len() + 8);
-        text.push(b'"');
-        text.extend_from_slice(name.as_bytes());
-        text.extend_from_slice(b"\";r=");
-        text.extend_from_slice(r);
-        text.extend_from_slice(b";t=");
-        text.extend_from_slice(t);
-        if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(text)) {
+        if let Some(value) = crate::wire::header_value(&[b"\"", name.as_bytes(), b"\";r=", r, b";t=", t]) {
             headers.push((RATELIMIT, value));
         }
     }

@@ -78,13 +78,24 @@ pub fn write_u64(out: &mut Vec<u8>, n: u64) {
     }
 }
 
+/// A header value made of `parts` laid end to end, in one allocation of its exact size: `bytes::Bytes` takes a
+/// vector as it is only when it has no room to spare, and allocates a second block otherwise. `None` when the
+/// text is not a valid header value.
+pub fn header_value(parts: &[&[u8]]) -> Option<http::HeaderValue> {
+    let mut text = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        text.extend_from_slice(part);
+    }
+    http::HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
+}
+
 /// An address as `Display` writes it (IPv4 dotted quad without the formatting machinery; IPv6 through it).
 pub fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     out.extend_from_slice(IpText::new(ip).as_bytes());
 }
 
 /// An address's text as `Display` writes it, on the stack: for a caller that needs its length before it
-/// allocates (a header value made at its exact size is one allocation, not two: see `bytes::Bytes::from`).
+/// allocates (see [`header_value`]).
 pub struct IpText {
     text: [u8; 46],
     len: usize,
